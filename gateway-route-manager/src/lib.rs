@@ -1,0 +1,1 @@
+//! Gateway health, egress and return routing, DDNS for vpn-router.

@@ -1,0 +1,1 @@
+//! IPVS generic-netlink client and reconciler for vpn-router.

@@ -1,0 +1,1 @@
+//! vpn-router library: config, supervisor, api.

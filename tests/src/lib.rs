@@ -1,0 +1,1 @@
+//! The netns lab shared by integration tests, benchmarks and `make demo`.
