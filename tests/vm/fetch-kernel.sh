@@ -31,7 +31,11 @@ need depmod kmod
 need modprobe kmod
 need xz xz-utils
 
+need flock util-linux
+
 mkdir -p "$cache/debs" "$cache/kernel"
+exec 9>"$cache/.kernel.lock"
+flock 9
 
 # 1. Resolve the meta package to the versioned image package it depends on
 #    (linux-image-6.12-amd64 -> linux-image-6.12.117+deb12-amd64, signed or -unsigned).
@@ -52,7 +56,7 @@ stamp="$root/.unpacked"
 
 # 2. Download + unpack unless this exact version is already there.
 if [[ -f "$stamp" ]]; then
-    log "kernel $pkg $version already unpacked in $root"
+    : # already unpacked
 else
     deb=$(ls "$cache/debs/${pkg}_"*.deb 2>/dev/null | grep -F "_${version//:/%3a}_" | head -n1 || true)
     if [[ -z "$deb" ]]; then
@@ -91,4 +95,5 @@ KERNEL_PKG=$pkg
 KERNEL_PKG_VERSION=$version
 EOF
 mv "$cache/kernel.env.tmp" "$cache/kernel.env"
-log "kernel $kver ready: $vmlinuz"
+[[ -n "${VM_VERBOSE:-}" ]] && log "kernel $kver ready: $vmlinuz"
+exit 0
