@@ -6,4 +6,6 @@
 //! `router` crate maps its config into [`InstanceConfig`]), and it does not decide gateway
 //! health (it receives a healthy-gateway count).
 
+pub mod fsm;
 pub mod packet;
+mod serde_duration;
