@@ -3,6 +3,8 @@
 //! deadline order) and records every step into `NAME.actions.jsonl`. `UPDATE_GOLDEN=1`
 //! rewrites the expected files when a behaviour change is intended.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -96,7 +98,7 @@ fn run_scenario(events_path: &Path) -> String {
     let mut timers = Timers::default();
     let mut out = String::new();
     let mut stopped = false;
-    let mut record = |fsm: &Fsm, at: Duration, ev: &Event, actions: &[Action], out: &mut String| {
+    let record = |fsm: &Fsm, at: Duration, ev: &Event, actions: &[Action], out: &mut String| {
         let line = Output {
             at: humantime::format_duration(at).to_string(),
             event: ev,
