@@ -7,5 +7,6 @@
 //! health (it receives a healthy-gateway count).
 
 pub mod fsm;
+pub mod network;
 pub mod packet;
 mod serde_duration;

@@ -1,0 +1,465 @@
+//! Raw IP protocol 112 sockets for VRRP adverts (Linux only), IPv4 and IPv6.
+//!
+//! Owns the socket options that make VRRP work on Linux: bound to the advert interface,
+//! multicast group joined on it (or unicast peers), TTL / hop limit 255 outgoing, no multicast
+//! loop, and the received TTL / hop limit and destination reported to the decoder. It sends
+//! and receives bytes only: encoding, decoding and decisions belong to `packet` and `fsm`.
+//!
+//! IPv4 raw sockets deliver the IP header with the payload, so source, destination and TTL
+//! are read from the header itself (the same value `IP_RECVTTL` would report, without a
+//! second copy). IPv6 raw sockets strip the header, so hop limit and destination come from
+//! `IPV6_RECVHOPLIMIT` / `IPV6_RECVPKTINFO` control messages. The source address is set per
+//! packet with `IP_PKTINFO` / `IPV6_PKTINFO` instead of `bind()`, because binding a raw socket
+//! to an address also filters what it receives by destination, which would drop multicast.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockaddrIn, SockaddrIn6, SockaddrStorage,
+};
+use socket2::{Domain, InterfaceIndexOrAddress, Protocol, Socket, Type};
+use tokio::io::unix::AsyncFd;
+
+use crate::packet::{Family, RxMeta, IPPROTO_VRRP, MULTICAST_V4, MULTICAST_V6, REQUIRED_TTL};
+
+/// Socket errors; each names the interface and the operation.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The interface does not exist.
+    #[error("VRRP interface {interface}: not found ({source}); check vrrp[].interface")]
+    NoInterface {
+        /// Interface name.
+        interface: String,
+        /// OS error.
+        source: nix::Error,
+    },
+    /// No usable source address on the interface.
+    #[error("VRRP interface {interface}: no {family} address to send adverts from; add one")]
+    NoSourceAddress {
+        /// Interface name.
+        interface: String,
+        /// "IPv4", "IPv6 link-local", ...
+        family: &'static str,
+    },
+    /// A socket call failed.
+    #[error("VRRP interface {interface}: {op}: {source} (raw sockets need CAP_NET_RAW)")]
+    Socket {
+        /// Interface name.
+        interface: String,
+        /// What was being done.
+        op: &'static str,
+        /// OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Where and how to open the advert socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketParams {
+    /// Advert interface.
+    pub interface: String,
+    /// Address family.
+    pub family: Family,
+    /// Empty: multicast 224.0.0.18 / ff02::12. Otherwise unicast to each of these.
+    pub unicast_peers: Vec<IpAddr>,
+    /// Addresses never to use as source (the VIPs, when they share the interface).
+    pub exclude_sources: Vec<IpAddr>,
+}
+
+/// One received VRRP message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// IP-layer facts.
+    pub meta: RxMeta,
+    /// Byte range of the VRRP message inside the receive buffer.
+    pub payload: std::ops::Range<usize>,
+}
+
+/// A bound, configured VRRP socket.
+#[derive(Debug)]
+pub struct VrrpSocket {
+    fd: AsyncFd<Socket>,
+    interface: String,
+    ifindex: u32,
+    family: Family,
+    source: IpAddr,
+    destinations: Vec<IpAddr>,
+}
+
+fn sock_err<'a>(
+    interface: &'a str,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> NetworkError + 'a {
+    move |source| NetworkError::Socket {
+        interface: interface.to_string(),
+        op,
+        source,
+    }
+}
+
+/// Hands a socket to tokio's reactor.
+#[allow(unsafe_code)]
+pub(crate) fn register(socket: Socket) -> std::io::Result<AsyncFd<Socket>> {
+    // SAFETY: `Socket` owns its file descriptor: it stays open and unchanged until the
+    // `Socket` is dropped, which happens only when the `AsyncFd` owning it is dropped.
+    unsafe { AsyncFd::register(socket) }.map_err(std::io::Error::from)
+}
+
+/// Index of an interface by name.
+pub fn ifindex(interface: &str) -> Result<u32, NetworkError> {
+    nix::net::if_::if_nametoindex(interface).map_err(|source| NetworkError::NoInterface {
+        interface: interface.to_string(),
+        source,
+    })
+}
+
+/// The interface's primary address of `family`: the first IPv4 address the kernel lists
+/// (primaries come before secondaries), or for IPv6 the link-local address (RFC 5798 §5.1.2.1)
+/// unless `global` asks for a global one (unicast to non-link-local peers).
+pub fn primary_address(
+    interface: &str,
+    family: Family,
+    global: bool,
+    exclude: &[IpAddr],
+) -> Result<IpAddr, NetworkError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| NetworkError::Socket {
+        interface: interface.to_string(),
+        op: "getifaddrs",
+        source: e.into(),
+    })?;
+    let mut found = None;
+    for ifa in addrs.filter(|i| i.interface_name == interface) {
+        let Some(addr) = ifa.address else { continue };
+        let ip = if let Some(v4) = addr.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        if exclude.contains(&ip) || Family::of(&ip) != family {
+            continue;
+        }
+        let fits = match ip {
+            IpAddr::V4(_) => true,
+            IpAddr::V6(v6) => is_link_local(&v6) != global,
+        };
+        if fits {
+            found = Some(ip);
+            break;
+        }
+    }
+    found.ok_or_else(|| NetworkError::NoSourceAddress {
+        interface: interface.to_string(),
+        family: match (family, global) {
+            (Family::V4, _) => "IPv4",
+            (Family::V6, false) => "IPv6 link-local",
+            (Family::V6, true) => "IPv6 global",
+        },
+    })
+}
+
+fn is_link_local(a: &Ipv6Addr) -> bool {
+    (a.segments()[0] & 0xffc0) == 0xfe80
+}
+
+impl VrrpSocket {
+    /// Opens the socket: raw protocol 112, bound to the interface, group joined (multicast
+    /// mode), TTL / hop limit 255, loop off, receive metadata on.
+    pub fn open(params: &SocketParams) -> Result<VrrpSocket, NetworkError> {
+        let iface = params.interface.as_str();
+        let index = ifindex(iface)?;
+        let global = params.family == Family::V6
+            && params
+                .unicast_peers
+                .iter()
+                .any(|p| matches!(p, IpAddr::V6(v6) if !is_link_local(v6)));
+        let source = primary_address(iface, params.family, global, &params.exclude_sources)?;
+        let domain = match params.family {
+            Family::V4 => Domain::IPV4,
+            Family::V6 => Domain::IPV6,
+        };
+        let socket = Socket::new(
+            domain,
+            Type::RAW.nonblocking().cloexec(),
+            Some(Protocol::from(i32::from(IPPROTO_VRRP))),
+        )
+        .map_err(sock_err(iface, "socket(IPPROTO_VRRP)"))?;
+        socket
+            .bind_device(Some(iface.as_bytes()))
+            .map_err(sock_err(iface, "SO_BINDTODEVICE"))?;
+        let multicast = params.unicast_peers.is_empty();
+        match params.family {
+            Family::V4 => {
+                socket
+                    .set_ttl_v4(u32::from(REQUIRED_TTL))
+                    .map_err(sock_err(iface, "IP_TTL"))?;
+                socket
+                    .set_multicast_ttl_v4(u32::from(REQUIRED_TTL))
+                    .map_err(sock_err(iface, "IP_MULTICAST_TTL"))?;
+                socket
+                    .set_multicast_loop_v4(false)
+                    .map_err(sock_err(iface, "IP_MULTICAST_LOOP"))?;
+                // Without this a raw socket also gets groups joined by other sockets.
+                socket
+                    .set_multicast_all_v4(false)
+                    .map_err(sock_err(iface, "IP_MULTICAST_ALL"))?;
+                if multicast {
+                    socket
+                        .join_multicast_v4_n(&MULTICAST_V4, &InterfaceIndexOrAddress::Index(index))
+                        .map_err(sock_err(iface, "IP_ADD_MEMBERSHIP 224.0.0.18"))?;
+                }
+            }
+            Family::V6 => {
+                socket
+                    .set_unicast_hops_v6(u32::from(REQUIRED_TTL))
+                    .map_err(sock_err(iface, "IPV6_UNICAST_HOPS"))?;
+                socket
+                    .set_multicast_hops_v6(u32::from(REQUIRED_TTL))
+                    .map_err(sock_err(iface, "IPV6_MULTICAST_HOPS"))?;
+                socket
+                    .set_multicast_loop_v6(false)
+                    .map_err(sock_err(iface, "IPV6_MULTICAST_LOOP"))?;
+                socket
+                    .set_multicast_all_v6(false)
+                    .map_err(sock_err(iface, "IPV6_MULTICAST_ALL"))?;
+                setsockopt(&socket, sockopt::Ipv6RecvHopLimit, &true)
+                    .map_err(|e| sock_err(iface, "IPV6_RECVHOPLIMIT")(e.into()))?;
+                setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)
+                    .map_err(|e| sock_err(iface, "IPV6_RECVPKTINFO")(e.into()))?;
+                if multicast {
+                    socket
+                        .join_multicast_v6(&MULTICAST_V6, index)
+                        .map_err(sock_err(iface, "IPV6_JOIN_GROUP ff02::12"))?;
+                }
+            }
+        }
+        let destinations = if multicast {
+            vec![match params.family {
+                Family::V4 => IpAddr::V4(MULTICAST_V4),
+                Family::V6 => IpAddr::V6(MULTICAST_V6),
+            }]
+        } else {
+            params.unicast_peers.clone()
+        };
+        let fd = register(socket).map_err(sock_err(iface, "register with tokio"))?;
+        Ok(VrrpSocket {
+            fd,
+            interface: iface.to_string(),
+            ifindex: index,
+            family: params.family,
+            source,
+            destinations,
+        })
+    }
+
+    /// Our source address in adverts (the interface's primary address).
+    pub fn source(&self) -> IpAddr {
+        self.source
+    }
+
+    /// Where adverts go: the multicast group, or every unicast peer.
+    pub fn destinations(&self) -> &[IpAddr] {
+        &self.destinations
+    }
+
+    /// Sends one VRRP message to `dst` from our primary address.
+    pub async fn send(&self, msg: &[u8], dst: IpAddr) -> Result<(), NetworkError> {
+        loop {
+            let mut guard = self
+                .fd
+                .writable()
+                .await
+                .map_err(sock_err(&self.interface, "poll writable"))?;
+            match guard.try_io(|fd| self.send_now(fd.get_ref(), msg, dst)) {
+                Ok(r) => return r.map_err(sock_err(&self.interface, "sendmsg advert")),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn send_now(&self, socket: &Socket, msg: &[u8], dst: IpAddr) -> std::io::Result<()> {
+        let iov = [IoSlice::new(msg)];
+        let raw = socket.as_raw_fd();
+        let sent = match (self.source, dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: self.ifindex as i32,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(src).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                let to = SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
+                sendmsg(
+                    raw,
+                    &iov,
+                    &[ControlMessage::Ipv4PacketInfo(&info)],
+                    MsgFlags::empty(),
+                    Some(&to),
+                )
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: src.octets(),
+                    },
+                    ipi6_ifindex: self.ifindex,
+                };
+                let scope = if is_link_local(&dst) || dst.is_multicast() {
+                    self.ifindex
+                } else {
+                    0
+                };
+                let to = SockaddrIn6::from(std::net::SocketAddrV6::new(dst, 0, 0, scope));
+                sendmsg(
+                    raw,
+                    &iov,
+                    &[ControlMessage::Ipv6PacketInfo(&info)],
+                    MsgFlags::empty(),
+                    Some(&to),
+                )
+            }
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "destination family differs from the socket's",
+                ))
+            }
+        };
+        sent.map(|_| ()).map_err(std::io::Error::from)
+    }
+
+    /// Receives the next packet into `buf`. Packets too short to carry an IP header are
+    /// skipped; everything else is reported, valid or not, for the decoder to judge.
+    pub async fn recv(&self, buf: &mut [u8]) -> Result<Received, NetworkError> {
+        loop {
+            let mut guard = self
+                .fd
+                .readable()
+                .await
+                .map_err(sock_err(&self.interface, "poll readable"))?;
+            let res = guard.try_io(|fd| self.recv_now(fd.get_ref(), buf));
+            match res {
+                Ok(Ok(Some(r))) => return Ok(r),
+                Ok(Ok(None)) => continue,
+                Ok(Err(e)) => return Err(sock_err(&self.interface, "recvmsg")(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn recv_now(&self, socket: &Socket, buf: &mut [u8]) -> std::io::Result<Option<Received>> {
+        match self.family {
+            Family::V4 => {
+                let n = {
+                    let mut iov = [IoSliceMut::new(buf)];
+                    let msg = recvmsg::<SockaddrStorage>(
+                        socket.as_raw_fd(),
+                        &mut iov,
+                        None,
+                        MsgFlags::MSG_DONTWAIT,
+                    )?;
+                    msg.bytes
+                };
+                Ok(parse_ipv4(&buf[..n]))
+            }
+            Family::V6 => {
+                let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo, libc::c_int);
+                let mut iov = [IoSliceMut::new(buf)];
+                let msg = recvmsg::<SockaddrIn6>(
+                    socket.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut cmsg),
+                    MsgFlags::MSG_DONTWAIT,
+                )?;
+                let Some(src) = msg.address.map(|a| a.ip()) else {
+                    return Ok(None);
+                };
+                let mut hop = None;
+                let mut dst = None;
+                for c in msg.cmsgs()? {
+                    match c {
+                        ControlMessageOwned::Ipv6HopLimit(h) => hop = u8::try_from(h).ok(),
+                        ControlMessageOwned::Ipv6PacketInfo(info) => {
+                            dst = Some(Ipv6Addr::from(info.ipi6_addr.s6_addr))
+                        }
+                        _ => {}
+                    }
+                }
+                let (Some(ttl), Some(dst)) = (hop, dst) else {
+                    return Ok(None);
+                };
+                Ok(Some(Received {
+                    meta: RxMeta {
+                        src: IpAddr::V6(src),
+                        dst: IpAddr::V6(dst),
+                        ttl,
+                    },
+                    payload: 0..msg.bytes,
+                }))
+            }
+        }
+    }
+}
+
+/// Splits an IPv4 packet as delivered by a raw socket into header facts and payload range.
+/// Returns None for anything that is not a whole IPv4 header of protocol 112.
+pub fn parse_ipv4(pkt: &[u8]) -> Option<Received> {
+    let first = *pkt.first()?;
+    if first >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(first & 0x0f) * 4;
+    if ihl < 20 || pkt.len() < ihl {
+        return None;
+    }
+    if pkt[9] != IPPROTO_VRRP {
+        return None;
+    }
+    // The kernel rewrites tot_len to the host's view; trust the received length but never
+    // read past either.
+    let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+    let end = if total >= ihl {
+        total.min(pkt.len())
+    } else {
+        pkt.len()
+    };
+    Some(Received {
+        meta: RxMeta {
+            src: IpAddr::V4(Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15])),
+            dst: IpAddr::V4(Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19])),
+            ttl: pkt[8],
+        },
+        payload: ihl..end,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_header_is_parsed_without_panics() {
+        let mut pkt = vec![
+            0x45, 0, 0, 32, 0, 0, 0, 0, 255, 112, 0, 0, 192, 168, 28, 2, 224, 0, 0, 18,
+        ];
+        pkt.extend_from_slice(&[0x31, 51, 100, 1, 0, 100, 0, 0, 192, 168, 26, 254]);
+        let r = parse_ipv4(&pkt).unwrap();
+        assert_eq!(r.meta.ttl, 255);
+        assert_eq!(r.meta.src, "192.168.28.2".parse::<IpAddr>().unwrap());
+        assert_eq!(r.meta.dst, IpAddr::V4(MULTICAST_V4));
+        assert_eq!(r.payload, 20..32);
+        for n in 0..pkt.len() {
+            let _ = parse_ipv4(&pkt[..n]);
+        }
+        pkt[9] = 17;
+        assert!(parse_ipv4(&pkt).is_none());
+        pkt[9] = 112;
+        pkt[0] = 0x4f; // IHL 60 > length
+        assert!(parse_ipv4(&pkt).is_none());
+    }
+}
