@@ -1,1 +1,201 @@
-fn main() {}
+//! The `vpn-router` command: `run`, `check-config`, `status`, `version`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use prometheus_client::registry::Registry;
+
+use vpn_router::config;
+use vpn_router::status;
+use vpn_router::supervisor::{Supervisor, PROC_SYS};
+
+#[derive(Debug, Parser)]
+#[command(name = "vpn-router", version, about = "In-pod router for Kubernetes VPN gateway networks", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Run {
+        /// The YAML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config file: exit 0 if valid, 1 with FILE:LINE:COL messages if not.
+    CheckConfig { file: PathBuf },
+    /// Show the running daemon's state (asks its api).
+    Status {
+        /// The api address (default: from --config's api.listen, else 127.0.0.1:9090).
+        #[arg(long)]
+        api: Option<SocketAddr>,
+        /// Take the api address from this config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("vpn-router {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Run { config } => run(&config),
+        Command::Status { api, config, json } => status_cmd(api, config.as_deref(), json),
+    }
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match config::load(file) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            let c = &loaded.config;
+            println!(
+                "{}: ok ({} vrrp instance(s), {} gateway(s), {} virtual server(s), ddns: {})",
+                file.display(),
+                c.vrrp.len(),
+                c.gateways.as_ref().map_or(0, |g| g.addresses.value.len()),
+                c.ingress.as_ref().map_or(0, |i| i.virtual_servers.len()),
+                c.ddns.as_ref().map_or("off", |d| d.provider.name()),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for line in errors.lines() {
+                eprintln!("{line}");
+            }
+            eprintln!("{}: {} error(s)", file.display(), errors.errors.len());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    // Two workers: the daemon is I/O bound, and a router pod should not claim every core.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+fn run(path: &Path) -> ExitCode {
+    let loaded = match config::load(path) {
+        Ok(l) => l,
+        Err(errors) => {
+            for line in errors.lines() {
+                eprintln!("{line}");
+            }
+            eprintln!(
+                "vpn-router: not starting: {} config error(s)",
+                errors.errors.len()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let level = vpn_router::logging::init(&loaded.config.log);
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(1);
+        }
+    };
+    let mut registry = Registry::default();
+    let result = rt.block_on(async {
+        let sup = Supervisor::new(
+            path,
+            loaded,
+            Some(level),
+            Path::new(PROC_SYS),
+            &mut registry,
+        )?;
+        sup.run(registry).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                tracing::error!("not starting: {line}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn status_cmd(api: Option<SocketAddr>, config_path: Option<&Path>, json: bool) -> ExitCode {
+    let addr = match (api, config_path) {
+        (Some(a), _) => a,
+        (None, Some(p)) => match config::load(p) {
+            Ok(l) => local_view(l.config.api.listen),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 9090)),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vpn-router status: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(vpn_router::api::get(addr, "/status"));
+    match result {
+        Ok((code, body)) if code.is_success() => {
+            if json {
+                println!("{body}");
+                return ExitCode::SUCCESS;
+            }
+            match serde_json::from_str::<status::StatusReport>(&body) {
+                Ok(report) => {
+                    print!("{}", status::render(&report));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vpn-router status: unexpected answer from {addr}: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Ok((code, body)) => {
+            eprintln!("vpn-router status: {addr} answered {code}: {body}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("vpn-router status: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// A wildcard listen address is reached through loopback.
+fn local_view(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        IpAddr::V4(a) if a.is_unspecified() => {
+            SocketAddr::from((Ipv4Addr::LOCALHOST, listen.port()))
+        }
+        IpAddr::V6(a) if a.is_unspecified() => {
+            SocketAddr::from((Ipv6Addr::LOCALHOST, listen.port()))
+        }
+        _ => listen,
+    }
+}

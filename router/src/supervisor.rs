@@ -1,0 +1,229 @@
+//! The supervisor: owns the running config, the component tasks and the api; reloads on
+//! SIGHUP, stops on SIGTERM/SIGINT. A reload that fails (bad file, a sysctl the new config
+//! needs is refused) is logged, counted and shown in /status, and changes nothing: the
+//! components keep running on the last good config.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiState};
+use crate::config::{self, Config, Loaded};
+use crate::logging::LevelHandle;
+use crate::metrics::{DaemonMetrics, ReloadLabels};
+use crate::status::{ComponentState, ComponentStatus, StatusBoard};
+use crate::sysctl;
+
+/// Unix time for the reload timestamp metric and /status. The one wall-clock read of the
+/// daemon: everything that decides anything uses tokio's monotonic clock.
+#[allow(clippy::disallowed_methods)]
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+    Sysctls(Vec<sysctl::SysctlError>),
+    #[error("{0}")]
+    Api(std::io::Error),
+}
+
+#[derive(Debug)]
+pub struct Supervisor {
+    path: PathBuf,
+    config: Arc<Config>,
+    config_tx: watch::Sender<Arc<Config>>,
+    board: Arc<StatusBoard>,
+    metrics: Arc<DaemonMetrics>,
+    level: Option<LevelHandle>,
+    sysctl_root: PathBuf,
+}
+
+/// Where the kernel's sysctls live; tests point this at a scratch directory.
+pub const PROC_SYS: &str = "/proc/sys";
+
+impl Supervisor {
+    /// Prepares a supervisor for a loaded config: sets the sysctls it needs (refusing to start
+    /// when a required one cannot be set) and registers metrics.
+    pub fn new(
+        path: &Path,
+        loaded: Loaded,
+        level: Option<LevelHandle>,
+        sysctl_root: &Path,
+        registry: &mut Registry,
+    ) -> Result<Self, StartError> {
+        for w in &loaded.warnings {
+            tracing::warn!("config: {w}");
+        }
+        let fatal = sysctl::apply(sysctl_root, &sysctl::wanted(&loaded.config));
+        if !fatal.is_empty() {
+            return Err(StartError::Sysctls(fatal));
+        }
+        let metrics = Arc::new(DaemonMetrics::default());
+        metrics.register(registry);
+        let now = unix_now();
+        metrics.last_reload_success.set(now);
+        let board = StatusBoard::new(path.display().to_string(), now);
+        let config = Arc::new(loaded.config);
+        let (config_tx, _) = watch::channel(config.clone());
+        let s = Self {
+            path: path.to_path_buf(),
+            config,
+            config_tx,
+            board,
+            metrics,
+            level,
+            sysctl_root: sysctl_root.to_path_buf(),
+        };
+        s.publish_components();
+        Ok(s)
+    }
+
+    pub fn board(&self) -> Arc<StatusBoard> {
+        self.board.clone()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.clone()
+    }
+
+    /// Components receive every accepted config through this channel.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
+        self.config_tx.subscribe()
+    }
+
+    /// Lists the configured components in /status. This build parses and validates every
+    /// section, but runs no engine yet: those are listed as `not_built` with the config they
+    /// would run, so an operator sees exactly what is and is not in force.
+    fn publish_components(&self) {
+        let c = &self.config;
+        let sections: [(&str, Option<serde_json::Value>); 4] = [
+            (
+                "vrrp",
+                (!c.vrrp.is_empty()).then(|| serde_json::json!({ "instances": c.vrrp })),
+            ),
+            (
+                "gateways",
+                c.gateways.as_ref().map(|g| serde_json::json!(g)),
+            ),
+            ("ingress", c.ingress.as_ref().map(|i| serde_json::json!(i))),
+            ("ddns", c.ddns.as_ref().map(|d| serde_json::json!(d))),
+        ];
+        for (name, detail) in sections {
+            match detail {
+                Some(detail) => self.board.set(
+                    name,
+                    ComponentStatus {
+                        state: ComponentState::NotBuilt,
+                        ready: false,
+                        detail: serde_json::json!({ "configured": detail }),
+                    },
+                ),
+                None => self.board.remove(name),
+            }
+        }
+    }
+
+    /// Re-reads the config file. On any error the running config stays as it is.
+    pub fn reload(&mut self) -> Result<(), Vec<String>> {
+        let result = config::load(&self.path)
+            .map_err(|e| e.lines())
+            .and_then(|loaded| {
+                let fatal = sysctl::apply(&self.sysctl_root, &sysctl::wanted(&loaded.config));
+                if fatal.is_empty() {
+                    Ok(loaded)
+                } else {
+                    Err(fatal.iter().map(|e| e.to_string()).collect())
+                }
+            });
+        match result {
+            Err(lines) => {
+                for l in &lines {
+                    tracing::error!("reload rejected, keeping the running config: {l}");
+                }
+                self.metrics
+                    .config_reloads
+                    .get_or_create(&ReloadLabels { result: "failure" })
+                    .inc();
+                self.board.update_daemon(|d| {
+                    d.reloads_failed += 1;
+                    d.last_reload_error = Some(lines.clone());
+                });
+                Err(lines)
+            }
+            Ok(loaded) => {
+                for w in &loaded.warnings {
+                    tracing::warn!("config: {w}");
+                }
+                let new = Arc::new(loaded.config);
+                if new.api.listen != self.config.api.listen {
+                    tracing::warn!(old = %self.config.api.listen, new = %new.api.listen, "api.listen changed: takes effect at the next start");
+                }
+                if new.log.format != self.config.log.format {
+                    tracing::warn!("log.format changed: takes effect at the next start");
+                }
+                if let Some(level) = &self.level {
+                    level.set(&new.log);
+                }
+                self.config = new.clone();
+                self.config_tx.send_replace(new);
+                self.publish_components();
+                let now = unix_now();
+                self.metrics
+                    .config_reloads
+                    .get_or_create(&ReloadLabels { result: "success" })
+                    .inc();
+                self.metrics.last_reload_success.set(now);
+                self.board.update_daemon(|d| {
+                    d.reloads_ok += 1;
+                    d.config_loaded_unix = now;
+                    d.last_reload_error = None;
+                });
+                tracing::info!(file = %self.path.display(), "config reloaded");
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs until SIGTERM or SIGINT: serves the api and handles SIGHUP reloads.
+    pub async fn run(mut self, registry: Registry) -> Result<(), StartError> {
+        let shutdown = CancellationToken::new();
+        let listen: SocketAddr = self.config.api.listen;
+        let listener = api::bind(listen).await.map_err(StartError::Api)?;
+        let state = Arc::new(ApiState {
+            registry,
+            board: self.board.clone(),
+        });
+        let api_task = tokio::spawn(api::serve(listener, state, shutdown.clone()));
+        tracing::info!(api = %listen, config = %self.path.display(), "vpn-router running");
+
+        let mut hup = signal(SignalKind::hangup()).map_err(StartError::Api)?;
+        let mut term = signal(SignalKind::terminate()).map_err(StartError::Api)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(StartError::Api)?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading config");
+                    let _ = self.reload();
+                }
+                _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            }
+        }
+        shutdown.cancel();
+        // Components get a bounded time to hand over (VRRP's priority-0 advert) and clean up.
+        let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
