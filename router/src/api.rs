@@ -33,7 +33,13 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
     r
 }
 
-pub fn route(state: &ApiState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// Routes one request. `openmetrics`: the client's Accept header asks for OpenMetrics.
+pub fn route(
+    state: &ApiState,
+    method: &Method,
+    path: &str,
+    openmetrics: bool,
+) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         let mut r = reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -48,7 +54,14 @@ pub fn route(state: &ApiState, method: &Method, path: &str) -> Response<Full<Byt
     }
     match path {
         "/metrics" => match metrics::encode(&state.registry) {
-            Ok(text) => reply(StatusCode::OK, metrics::CONTENT_TYPE, text),
+            Ok(text) if openmetrics => {
+                reply(StatusCode::OK, metrics::OPENMETRICS_CONTENT_TYPE, text)
+            }
+            Ok(text) => reply(
+                StatusCode::OK,
+                metrics::PROMETHEUS_CONTENT_TYPE,
+                metrics::to_prometheus_text(&text),
+            ),
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "text/plain",
@@ -116,7 +129,12 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>, shutdown: Cancel
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = route(&state, req.method(), req.uri().path());
+                let openmetrics = req
+                    .headers()
+                    .get(hyper::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                let resp = route(&state, req.method(), req.uri().path(), openmetrics);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()

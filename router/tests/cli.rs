@@ -1,0 +1,515 @@
+//! The `vpn-router` binary from the outside: check-config exit codes and messages, the
+//! daemon's api, SIGHUP reload (a bad file keeps the running config), SIGTERM, the metrics
+//! format (checked by Prometheus' own `promtool`), and that secrets never reach logs or /status.
+
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vpn-router");
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vpn-router-cli-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn reference_config(dir: &Scratch) -> PathBuf {
+    dir.file("gluetun", "s3cret-gluetun\n");
+    dir.file("tsig", "c2VjcmV0LXRzaWcta2V5LWJ5dGVz\n");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/reference.yaml"
+    ))
+    .unwrap()
+    .replace("/run/secrets/", &format!("{}/", dir.0.display()));
+    dir.file("reference.yaml", &text)
+}
+
+#[test]
+fn check_config_accepts_the_reference_config() {
+    let dir = Scratch::new("ref");
+    let cfg = reference_config(&dir);
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout
+            .contains("ok (1 vrrp instance(s), 8 gateway(s), 1 virtual server(s), ddns: rfc2136)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_config_reports_every_error_with_position_and_exits_1() {
+    let dir = Scratch::new("bad");
+    let cfg = dir.file("bad.yaml", "vrrp:\n  - name: r\n    interface: eth0\n    vrid: 300\n    prority: 100\n    virtual_ips: [10.1.1.1/24]\n");
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let f = cfg.display();
+    assert!(
+        stderr.contains(&format!(
+            "{f}:4:11: vrrp[0].vrid: 300 is out of range; expected an integer 1-255"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{f}:5:5: vrrp[0]: unknown key `prority` (did you mean `priority`?)"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 error(s)"), "{stderr}");
+}
+
+#[test]
+fn check_config_on_a_missing_file_says_so() {
+    let out = Command::new(BIN)
+        .args(["check-config", "/nonexistent/vpn-router.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/vpn-router.yaml: cannot read config"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = Command::new(BIN).arg("version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("vpn-router {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running daemon whose stderr goes to a file; killed on drop.
+struct Daemon {
+    child: Child,
+    api: SocketAddr,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(config: &Path, api: SocketAddr, log: PathBuf) -> Self {
+        let err = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let d = Self { child, api, log };
+        for _ in 0..200 {
+            if TcpStream::connect(api).is_ok() {
+                return d;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "daemon did not open its api on {api}; log:\n{}",
+            d.log_text()
+        );
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.api, path)
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let (code, body) = self.get("/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Polls /status until `pred` holds (a reload is asynchronous to the signal).
+    fn wait_status(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        for _ in 0..200 {
+            let s = self.status_json();
+            if pred(&s) {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "timed out waiting for {what}; status: {}\nlog:\n{}",
+            self.status_json(),
+            self.log_text()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// HTTP/1.0 GET without a client library: the test checks the server, not a client.
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::Read as _;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, body.to_owned())
+}
+
+/// No gateways/ingress section: the daemon needs no sysctl, so it can run on the host.
+fn vrrp_only_config(api: SocketAddr, vrid: u8) -> String {
+    format!(
+        "api: {{ listen: {api} }}\nlog: {{ level: info }}\nvrrp:\n  - name: router\n    interface: vpn-r-veth0\n    vrid: {vrid}\n    virtual_ips: [192.168.26.254/22]\n"
+    )
+}
+
+#[test]
+fn sighup_with_a_bad_file_keeps_the_running_config_and_counts_it() {
+    let dir = Scratch::new("reload");
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = dir.file("config.yaml", &vrrp_only_config(api, 51));
+    let d = Daemon::start(&cfg, api, dir.0.join("daemon.log"));
+    assert_eq!(d.get("/healthz"), (200, "ok\n".into()));
+    let vrid = |s: &serde_json::Value| {
+        s["components"]["vrrp"]["detail"]["configured"]["instances"][0]["vrid"].as_u64()
+    };
+    assert_eq!(vrid(&d.status_json()), Some(51));
+
+    // A broken file: rejected, counted, running config untouched.
+    std::fs::write(&cfg, "vrrp:\n  - name: router\n    vrid: 300\n").unwrap();
+    d.signal("HUP");
+    let s = d.wait_status("a failed reload", |s| s["daemon"]["reloads_failed"] == 1);
+    assert_eq!(
+        vrid(&s),
+        Some(51),
+        "running config changed after a bad reload"
+    );
+    let errs = s["daemon"]["last_reload_error"].to_string();
+    assert!(
+        errs.contains("config.yaml:3:11: vrrp[0].vrid: 300 is out of range"),
+        "{errs}"
+    );
+    let (_, metrics) = d.get("/metrics");
+    assert!(
+        metrics.contains("vpn_router_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vpn_router_config_reloads_total{result=\"success\"} 0"),
+        "{metrics}"
+    );
+
+    // A good file: applied.
+    std::fs::write(&cfg, vrrp_only_config(api, 52)).unwrap();
+    d.signal("HUP");
+    let s = d.wait_status("a successful reload", |s| s["daemon"]["reloads_ok"] == 1);
+    assert_eq!(vrid(&s), Some(52));
+    assert!(s["daemon"]["last_reload_error"].is_null());
+    let log = d.log_text();
+    assert!(
+        log.contains("reload rejected, keeping the running config"),
+        "{log}"
+    );
+    assert!(log.contains("config reloaded"), "{log}");
+}
+
+#[test]
+fn sigterm_stops_the_daemon_promptly_and_cleanly() {
+    let dir = Scratch::new("term");
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = dir.file("config.yaml", &vrrp_only_config(api, 51));
+    let mut d = Daemon::start(&cfg, api, dir.0.join("daemon.log"));
+    d.signal("TERM");
+    for _ in 0..200 {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            assert!(status.success(), "exit {status}; log:\n{}", d.log_text());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("daemon still running 5 s after SIGTERM");
+}
+
+#[test]
+fn readyz_and_status_cover_configured_components() {
+    let dir = Scratch::new("ready");
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = dir.file("config.yaml", &vrrp_only_config(api, 51));
+    let d = Daemon::start(&cfg, api, dir.0.join("daemon.log"));
+    let s = d.status_json();
+    assert_eq!(s["components"]["vrrp"]["state"], "not_built");
+    assert_eq!(d.get("/readyz").0, 200);
+    assert_eq!(d.get("/nope").0, 404);
+    // `vpn-router status` renders the same for a human.
+    let out = Command::new(BIN)
+        .args(["status", "--api", &api.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("vrrp") && text.contains("not built") && text.contains("ready: yes"),
+        "{text}"
+    );
+}
+
+#[test]
+fn status_command_explains_an_unreachable_daemon() {
+    let port = free_port();
+    let out = Command::new(BIN)
+        .args(["status", "--api", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot reach the api") && err.contains("is `vpn-router run` running"),
+        "{err}"
+    );
+}
+
+fn promtool() -> PathBuf {
+    let found = Command::new("sh")
+        .args(["-c", "command -v promtool"])
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "promtool is missing: install the Debian package `prometheus` (make test does this as root)"
+    );
+    PathBuf::from(String::from_utf8_lossy(&found.stdout).trim())
+}
+
+#[test]
+fn metrics_pass_promtool() {
+    let promtool = promtool();
+    let dir = Scratch::new("metrics");
+    let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let cfg = dir.file("config.yaml", &vrrp_only_config(api, 51));
+    let d = Daemon::start(&cfg, api, dir.0.join("daemon.log"));
+    let (code, metrics) = d.get("/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("vpn_router_build_info{"), "{metrics}");
+    let mut child = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{metrics}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace for one test; deleted (with its processes) on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        assert!(
+            nix_is_root(),
+            "this test needs root (network namespaces and sysctls): run `make test` as root"
+        );
+        let name = format!("vrcli{}{tag}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("iproute2 `ip` is missing: apt-get install iproute2");
+        assert!(ok.success(), "ip netns add {name} failed");
+        let ok = Command::new("ip")
+            .args(["-n", &name, "link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        Self(name)
+    }
+    fn exec(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.0]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
+#[test]
+fn daemon_in_a_netns_sets_its_sysctls_and_never_shows_secrets() {
+    let dir = Scratch::new("netns");
+    let ns = Netns::new("s");
+    let reference = std::fs::read_to_string(reference_config(&dir)).unwrap();
+    let cfg = dir.file(
+        "with-ingress.yaml",
+        &reference.replace("0.0.0.0:9090", "127.0.0.1:9090"),
+    );
+
+    // The ingress section needs IPVS sysctls: on a kernel without IPVS the daemon refuses to
+    // start and names the sysctl; with IPVS it would set them.
+    let has_ipvs = Path::new("/proc/sys/net/ipv4/vs").exists();
+    if !has_ipvs {
+        let out = ns
+            .exec(&[BIN, "run", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("sysctl net.ipv4.vs.conntrack: not present in this kernel: the kernel has no IPVS loaded (modprobe ip_vs)"), "{err}");
+    }
+
+    // Without ingress: runs, sets forwarding and the multipath hash policy in its netns.
+    let start = reference.find("\ningress:").unwrap();
+    let end = reference.find("\nddns:").unwrap();
+    let text = format!("{}{}", &reference[..start], &reference[end..])
+        .replace("0.0.0.0:9090", "127.0.0.1:9090");
+    let cfg = dir.file("config.yaml", &text);
+    let log = dir.0.join("daemon.log");
+    let mut child = ns
+        .exec(&[BIN, "run", "--config", cfg.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = || {
+        ns.exec(&[BIN, "status", "--api", "127.0.0.1:9090", "--json"])
+            .output()
+            .unwrap()
+    };
+    let mut body = String::new();
+    for _ in 0..200 {
+        let out = status();
+        if out.status.success() {
+            body = String::from_utf8_lossy(&out.stdout).into_owned();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let sysctl = |k: &str| {
+        String::from_utf8_lossy(&ns.exec(&["sysctl", "-n", k]).output().unwrap().stdout)
+            .trim()
+            .to_owned()
+    };
+    let forward = sysctl("net.ipv4.ip_forward");
+    let policy = sysctl("net.ipv4.fib_multipath_hash_policy");
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !body.is_empty(),
+        "daemon never answered /status; log:\n{log}"
+    );
+    assert_eq!(forward, "1", "{log}");
+    assert_eq!(policy, "1", "{log}");
+    if !Path::new("/proc/sys/net/ipv4/fib_multipath_hash_seed").exists() {
+        assert!(
+            log.contains("fib_multipath_hash_seed: not present in this kernel: needs Linux 6.11+"),
+            "{log}"
+        );
+    }
+    for secret in ["s3cret-gluetun", "c2VjcmV0LXRzaWcta2V5LWJ5dGVz"] {
+        assert!(!body.contains(secret), "secret in /status: {body}");
+        assert!(!log.contains(secret), "secret in the log: {log}");
+    }
+    assert!(body.contains("<redacted>"), "{body}");
+}
