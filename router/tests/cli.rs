@@ -2,6 +2,8 @@
 //! daemon's api, SIGHUP reload (a bad file keeps the running config), SIGTERM, the metrics
 //! format (checked by Prometheus' own `promtool`), and that secrets never reach logs or /status.
 
+#![allow(clippy::unwrap_used)] // test harness: a failed setup step should panic right there
+
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
