@@ -7,6 +7,9 @@
 //! health (it receives a healthy-gateway count).
 
 pub mod fsm;
+pub mod gratuitous;
+pub mod netlink;
 pub mod network;
 pub mod packet;
 mod serde_duration;
+pub mod vip;

@@ -1,0 +1,338 @@
+//! The virtual addresses and their VMAC interfaces.
+//!
+//! Owns: one macvlan per (instance, VIP interface, family) with MAC 00:00:5e:00:01:VRID
+//! (IPv4) or 00:00:5e:00:02:VRID (IPv6) (RFC 5798 §7.3), in private mode like keepalived,
+//! named `vrrp<4|6>.<vrid>.<parent ifindex>` (≤ 15 characters); the sysctls that make it
+//! answer ARP for the VIPs and nothing else; adding/removing the VIPs; the gratuitous
+//! announcements. With `vmac: false` the VIPs go on the VIP interface itself. It does not
+//! decide when: the runner calls it on the state machine's actions.
+//!
+//! The macvlans stay up in every state (creating one costs more than the whole failover
+//! budget at 10 ms adverts); a backup's VMAC sends nothing because IPv6 address generation
+//! is disabled on it, so switches never learn the VMAC at a backup. They are deleted only on
+//! a clean stop, so after kill -9 the next start finds them with the VIPs and adopts them.
+
+use std::net::IpAddr;
+
+use crate::gratuitous::{Announcer, GratuitousError};
+use crate::netlink::{Netlink, NetlinkError};
+use crate::packet::Family;
+
+/// One virtual address and the interface it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct VirtualIp {
+    /// Address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Interface whose clients use it (the macvlan's parent).
+    pub interface: String,
+}
+
+/// VIP handling failures.
+#[derive(Debug, thiserror::Error)]
+pub enum VipError {
+    /// Netlink failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// The VIP interface does not exist.
+    #[error("VIP interface {0}: not found; check vrrp[].virtual_ips[].interface")]
+    NoInterface(String),
+    /// A sysctl could not be written.
+    #[error("sysctl {name}: write {value}: {source}")]
+    Sysctl {
+        /// Dotted name.
+        name: String,
+        /// Value written.
+        value: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Gratuitous ARP/NA failed.
+    #[error(transparent)]
+    Gratuitous(#[from] GratuitousError),
+}
+
+/// VMAC for a VRID and family (RFC 5798 §7.3).
+pub fn vmac(vrid: u8, family: Family) -> [u8; 6] {
+    let f = match family {
+        Family::V4 => 1,
+        Family::V6 => 2,
+    };
+    [0x00, 0x00, 0x5e, 0x00, f, vrid]
+}
+
+/// Name of the VMAC interface; always ≤ 15 characters (IFNAMSIZ - 1).
+pub fn vmac_name(vrid: u8, family: Family, parent_index: u32) -> String {
+    let f = match family {
+        Family::V4 => 4,
+        Family::V6 => 6,
+    };
+    let name = format!("vrrp{f}.{vrid}.{parent_index}");
+    if name.len() <= 15 {
+        name
+    } else {
+        format!("v{f}.{vrid}.{parent_index:x}")
+    }
+}
+
+/// Writes `/proc/sys/<path>`; the error names the sysctl in dotted form.
+pub fn write_sysctl(path: &str, value: &str) -> Result<(), VipError> {
+    std::fs::write(format!("/proc/sys/{path}"), value).map_err(|source| VipError::Sysctl {
+        name: path.replace('/', "."),
+        value: value.to_string(),
+        source,
+    })
+}
+
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/{path}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Sysctls keepalived sets for an IPv4 VMAC: on the macvlan answer ARP only for its own
+/// addresses (arp_ignore=1), accept packets from local addresses (accept_local=1), no
+/// reverse-path filter (traffic to the VIP arrives on the macvlan while routes point at the
+/// parent), keep secondaries when the primary goes (promote_secondaries=1); on the parent
+/// never answer ARP for addresses that live on the macvlan (arp_ignore=1, arp_filter=1).
+/// Plus: no IPv6 on an IPv4 VMAC, so a backup never sends from the shared MAC.
+pub fn set_vmac_sysctls(vmac_if: &str, parent: &str, family: Family) -> Result<(), VipError> {
+    let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
+    match family {
+        Family::V4 => {
+            for (k, v) in [
+                ("arp_ignore", "1"),
+                ("accept_local", "1"),
+                ("rp_filter", "0"),
+                ("promote_secondaries", "1"),
+            ] {
+                write_sysctl(&format!("net/ipv4/conf/{vmac_if}/{k}"), v)?;
+            }
+            for (k, v) in [("arp_ignore", "1"), ("arp_filter", "1")] {
+                write_sysctl(&format!("net/ipv4/conf/{parent}/{k}"), v)?;
+            }
+            if ipv6 {
+                write_sysctl(&format!("net/ipv6/conf/{vmac_if}/disable_ipv6"), "1")?;
+            }
+        }
+        Family::V6 => {
+            // No link-local or SLAAC address: only the VIPs (added as master) send from it.
+            write_sysctl(&format!("net/ipv6/conf/{vmac_if}/addr_gen_mode"), "1")?;
+            write_sysctl(&format!("net/ipv6/conf/{vmac_if}/accept_dad"), "0")?;
+        }
+    }
+    if read_sysctl("net/ipv4/conf/all/rp_filter").is_some_and(|v| v != "0") {
+        tracing::warn!(
+            interface = vmac_if,
+            "net.ipv4.conf.all.rp_filter is non-zero: the kernel uses max(all, {vmac_if}), so \
+             traffic to the VIPs may be dropped; set it to 0 and rp_filter per interface instead"
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct Group {
+    family: Family,
+    parent: String,
+    target_name: String,
+    target_index: u32,
+    mac: [u8; 6],
+    vips: Vec<(IpAddr, u8)>,
+    announcer: Announcer,
+}
+
+/// The VIPs of one instance.
+#[derive(Debug)]
+pub struct VipSet {
+    nl: Netlink,
+    vmac: bool,
+    groups: Vec<Group>,
+}
+
+impl VipSet {
+    /// Resolves the interfaces and, with `vmac`, creates (or adopts) the macvlans with their
+    /// sysctls and brings them up. Nothing is added or removed here.
+    pub async fn prepare(
+        nl: Netlink,
+        vrid: u8,
+        use_vmac: bool,
+        vips: &[VirtualIp],
+    ) -> Result<VipSet, VipError> {
+        let mut groups: Vec<Group> = Vec::new();
+        for vip in vips {
+            let family = Family::of(&vip.addr);
+            if let Some(g) = groups
+                .iter_mut()
+                .find(|g| g.parent == vip.interface && g.family == family)
+            {
+                g.vips.push((vip.addr, vip.prefix_len));
+                continue;
+            }
+            let parent = nl
+                .link(&vip.interface)
+                .await?
+                .ok_or_else(|| VipError::NoInterface(vip.interface.clone()))?;
+            let (target_name, target_index, mac) = if use_vmac {
+                let name = vmac_name(vrid, family, parent.index);
+                let mac = vmac(vrid, family);
+                let existing = nl.link(&name).await?;
+                let reusable = existing
+                    .as_ref()
+                    .is_some_and(|l| l.mac == mac && l.parent == Some(parent.index));
+                if let (Some(l), false) = (&existing, reusable) {
+                    nl.del_link(l.index, &name).await?;
+                }
+                if !reusable {
+                    nl.add_macvlan(&name, parent.index, mac).await?;
+                }
+                let link = nl
+                    .link(&name)
+                    .await?
+                    .ok_or_else(|| VipError::NoInterface(name.clone()))?;
+                set_vmac_sysctls(&name, &vip.interface, family)?;
+                if !link.up {
+                    nl.set_up(link.index, &name).await?;
+                }
+                (name, link.index, mac)
+            } else {
+                let mut mac = [0u8; 6];
+                if parent.mac.len() == 6 {
+                    mac.copy_from_slice(&parent.mac);
+                }
+                (vip.interface.clone(), parent.index, mac)
+            };
+            let announcer = Announcer::open(
+                &target_name,
+                target_index,
+                mac,
+                family == Family::V4,
+                family == Family::V6,
+            )?;
+            groups.push(Group {
+                family,
+                parent: vip.interface.clone(),
+                target_name,
+                target_index,
+                mac,
+                vips: vec![(vip.addr, vip.prefix_len)],
+                announcer,
+            });
+        }
+        Ok(VipSet {
+            nl,
+            vmac: use_vmac,
+            groups,
+        })
+    }
+
+    /// Interfaces holding the VIPs (the macvlans, or the VIP interfaces without VMAC).
+    pub fn interfaces(&self) -> Vec<String> {
+        self.groups.iter().map(|g| g.target_name.clone()).collect()
+    }
+
+    /// True if any VIP is already on its interface (restart while master).
+    pub async fn any_present(&self) -> Result<bool, VipError> {
+        for g in &self.groups {
+            let have = self.nl.addresses(g.target_index).await?;
+            if g.vips.iter().any(|(a, _)| have.iter().any(|(h, _)| h == a)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Adds the VIPs that are missing; present ones are untouched (no flap).
+    pub async fn add_all(&self) -> Result<(), VipError> {
+        for g in &self.groups {
+            let have = self.nl.addresses(g.target_index).await?;
+            for (a, p) in &g.vips {
+                if !have.iter().any(|(h, hp)| h == a && hp == p) {
+                    self.nl.add_address(g.target_index, *a, *p).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the VIPs.
+    pub async fn remove_all(&self) -> Result<(), VipError> {
+        for g in &self.groups {
+            for (a, p) in &g.vips {
+                self.nl.del_address(g.target_index, *a, *p).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One round of announcements: `repeat` gratuitous ARPs / NAs per VIP. Errors are
+    /// returned after trying every address.
+    pub fn announce(&self, repeat: u32) -> Result<(), VipError> {
+        let mut first_err = None;
+        for _ in 0..repeat {
+            for g in &self.groups {
+                for (a, _) in &g.vips {
+                    let r = match a {
+                        IpAddr::V4(v4) => g.announcer.announce_v4(*v4),
+                        IpAddr::V6(v6) => g.announcer.announce_v6(*v6),
+                    };
+                    if let Err(e) = r {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes the macvlans (clean stop only; the VIPs go with them).
+    pub async fn teardown(&self) -> Result<(), VipError> {
+        if !self.vmac {
+            return Ok(());
+        }
+        for g in &self.groups {
+            self.nl.del_link(g.target_index, &g.target_name).await?;
+        }
+        Ok(())
+    }
+
+    /// The MAC the VIPs answer with, per interface (for tests and status).
+    pub fn macs(&self) -> Vec<(String, [u8; 6])> {
+        self.groups
+            .iter()
+            .map(|g| (g.target_name.clone(), g.mac))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_ifnamsiz() {
+        assert_eq!(vmac_name(51, Family::V4, 3), "vrrp4.51.3");
+        assert_eq!(vmac_name(255, Family::V6, 99999), "vrrp6.255.99999");
+        for idx in [0, 7, 123_456, u32::MAX] {
+            for vrid in [1, 255] {
+                assert!(vmac_name(vrid, Family::V6, idx).len() <= 15);
+            }
+        }
+        assert_eq!(vmac(51, Family::V4), [0, 0, 0x5e, 0, 1, 51]);
+        assert_eq!(vmac(51, Family::V6), [0, 0, 0x5e, 0, 2, 51]);
+    }
+
+    #[test]
+    fn sysctl_error_names_the_sysctl() {
+        let e = write_sysctl("net/ipv4/conf/no-such-if-xyz/arp_ignore", "1").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("net.ipv4.conf.no-such-if-xyz.arp_ignore"),
+            "{e}"
+        );
+    }
+}
