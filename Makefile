@@ -1,0 +1,57 @@
+# vpn-router — the two commands of the README, and the pieces they are made of.
+#
+#   make demo    build, start the netns lab, drive traffic, fail things, print what happened
+#   make test    install test dependencies (as root), then fmt, clippy and every test tier
+#
+# Tiers (docs/testing.md): pure and namespace tests run through cargo (root needed for the
+# namespace ones: they fail with a message saying so, never skip); the VM tier boots Debian's
+# 6.12 kernel in qemu for IPVS, which this kernel may lack.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+# Namespace tests create network namespaces and raw sockets; many of them at once on two cores
+# only slows each down, so cargo's test threads are capped.
+TEST_THREADS ?= 4
+
+.PHONY: all build deps fmt-check clippy lint test test-cargo test-vm demo bench clean help
+
+all: build
+
+help:
+	@grep -E '^#   make' Makefile | sed 's/^#   //'
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+deps:
+	@bash scripts/install-deps.sh
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+lint: fmt-check clippy
+
+test-cargo:
+	@if [ "$$(id -u)" != 0 ]; then echo "make test: the namespace tier needs root (network namespaces, raw sockets, nft); run as root" >&2; exit 1; fi
+	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
+
+test-vm:
+	bash tests/vm/test-ipvs.sh
+
+test: deps lint test-cargo test-vm
+	@echo "make test: all tiers passed"
+
+demo: deps
+	$(CARGO) build --bin vpn-router --bin vpn-router-lab
+	./target/debug/vpn-router-lab demo --router-bin ./target/debug/vpn-router
+
+bench:
+	@echo "make bench: no benchmark scenario has landed yet (see docs/benchmarks.md)" >&2; exit 1
+
+clean:
+	$(CARGO) clean
+	rm -rf .cache
