@@ -6,10 +6,21 @@
 //! `router` crate maps its config into [`InstanceConfig`]), and it does not decide gateway
 //! health (it receives a healthy-gateway count).
 
+pub mod error;
 pub mod fsm;
 pub mod gratuitous;
+pub mod instance;
+pub mod metrics;
 pub mod netlink;
 pub mod network;
 pub mod packet;
 mod serde_duration;
 pub mod vip;
+
+pub use error::InstanceError;
+pub use fsm::{State, Track};
+pub use gratuitous::GratuitousConfig;
+pub use instance::{run, InstanceConfig, InstanceStatus, RunHandles};
+pub use metrics::VrrpMetrics;
+pub use packet::{ChecksumMode, Version};
+pub use vip::VirtualIp;

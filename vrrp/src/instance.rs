@@ -1,0 +1,643 @@
+//! One VRRP instance at run time: ties the state machine to the advert socket, the VIPs and
+//! tokio's timers, and reports status and metrics.
+//!
+//! Owns the event loop (`run`) and the mapping of `fsm::Action`s to effects. It makes no
+//! protocol decision itself (those are in `fsm`) and reads time only through
+//! `tokio::time::Instant`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::InstanceError;
+use crate::fsm::{Action, Event, Fsm, FsmConfig, State, Track};
+use crate::gratuitous::GratuitousConfig;
+use crate::metrics::{InstanceLabel, ReasonLabels, VrrpMetrics};
+use crate::netlink::Netlink;
+use crate::network::{SocketParams, VrrpSocket};
+use crate::packet::{self, Advertisement, ChecksumMode, DecodeContext, Family, Version};
+use crate::vip::{VipSet, VirtualIp};
+
+/// Everything an instance needs; the `router` crate maps its YAML onto this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceConfig {
+    /// `vrrp[].name`: label in logs, metrics and status.
+    pub name: String,
+    /// Advert interface.
+    pub interface: String,
+    /// Virtual router id, 1–255.
+    pub vrid: u8,
+    /// V3 (default) or V2 (IPv4 only, whole-second intervals).
+    pub version: Version,
+    /// 1–254, or 255 for the address owner.
+    pub priority: u8,
+    /// Advertisement interval (v3: 10 ms units, v2: whole seconds).
+    pub advert_interval: Duration,
+    /// Preempt lower-priority masters.
+    pub preempt: bool,
+    /// No preemption for this long after startup.
+    pub preempt_delay: Duration,
+    /// Empty: multicast. Otherwise unicast adverts to (and only from) these.
+    pub unicast_peers: Vec<IpAddr>,
+    /// VIPs on a macvlan with the VRRP MAC.
+    pub vmac: bool,
+    /// The VIPs (egress VIP plus ingress VIPs); all of one family.
+    pub virtual_ips: Vec<VirtualIp>,
+    /// Gateway tracking.
+    pub track: Option<Track>,
+    /// VRRPv3 IPv4 checksum variant.
+    pub checksum_mode: ChecksumMode,
+    /// Gratuitous ARP / NA on becoming master.
+    pub gratuitous: GratuitousConfig,
+    /// Longest wait for a successor on graceful stop; None means 3 × advert_interval.
+    pub handoff_timeout: Option<Duration>,
+    /// VRIDs of the daemon's other instances on the same interface: their adverts are not
+    /// counted as `unknown_vrid`.
+    pub sibling_vrids: Vec<u8>,
+}
+
+impl InstanceConfig {
+    /// A config with the DESIGN.md defaults for everything optional.
+    pub fn new(name: &str, interface: &str, vrid: u8, virtual_ips: Vec<VirtualIp>) -> Self {
+        InstanceConfig {
+            name: name.to_string(),
+            interface: interface.to_string(),
+            vrid,
+            version: Version::V3,
+            priority: 100,
+            advert_interval: Duration::from_millis(100),
+            preempt: true,
+            preempt_delay: Duration::ZERO,
+            unicast_peers: Vec::new(),
+            vmac: true,
+            virtual_ips,
+            track: None,
+            checksum_mode: ChecksumMode::PseudoHeader,
+            gratuitous: GratuitousConfig::default(),
+            handoff_timeout: None,
+            sibling_vrids: Vec::new(),
+        }
+    }
+
+    /// Checks what the state machine and the wire format require.
+    pub fn validate(&self) -> Result<Family, InstanceError> {
+        let err = |message: String| InstanceError::Config {
+            instance: self.name.clone(),
+            message,
+        };
+        if self.vrid == 0 {
+            return Err(err("vrid must be 1-255".into()));
+        }
+        if self.priority == 0 {
+            return Err(err(
+                "priority must be 1-255 (0 is reserved for leaving)".into()
+            ));
+        }
+        let Some(first) = self.virtual_ips.first() else {
+            return Err(err("virtual_ips is empty; add at least one address".into()));
+        };
+        let family = Family::of(&first.addr);
+        if self
+            .virtual_ips
+            .iter()
+            .any(|v| Family::of(&v.addr) != family)
+        {
+            return Err(err(
+                "virtual_ips mixes IPv4 and IPv6; VRRP runs one instance per family".into(),
+            ));
+        }
+        if self.unicast_peers.iter().any(|p| Family::of(p) != family) {
+            return Err(err(
+                "unicast_peers must be of the virtual_ips' family".into()
+            ));
+        }
+        match self.version {
+            Version::V2 => {
+                if family == Family::V6 {
+                    return Err(err("version 2 is IPv4 only; use version 3".into()));
+                }
+                if self.advert_interval.subsec_nanos() != 0
+                    || self.advert_interval.is_zero()
+                    || self.advert_interval > Duration::from_secs(255)
+                {
+                    return Err(err(format!(
+                        "advert_interval {:?}: version 2 needs whole seconds 1-255",
+                        self.advert_interval
+                    )));
+                }
+            }
+            Version::V3 => {
+                let cs = self.advert_interval.as_millis();
+                if cs < 10 || cs % 10 != 0 || cs / 10 > u128::from(packet::V3_MAX_ADVER_INT_CS) {
+                    return Err(err(format!(
+                        "advert_interval {:?}: version 3 needs a multiple of 10ms, 10ms-40.95s",
+                        self.advert_interval
+                    )));
+                }
+            }
+        }
+        Ok(family)
+    }
+
+    fn fsm_config(&self, primary_addr: IpAddr) -> FsmConfig {
+        FsmConfig {
+            version: self.version,
+            priority: self.priority,
+            advert_interval: self.advert_interval,
+            preempt: self.preempt,
+            preempt_delay: self.preempt_delay,
+            primary_addr,
+            track: self.track,
+            handoff_timeout: self.handoff_timeout.unwrap_or(self.advert_interval * 3),
+        }
+    }
+}
+
+/// What `/status` shows for an instance.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstanceStatus {
+    /// Instance name.
+    pub name: String,
+    /// Current state.
+    pub state: State,
+    /// Priority announced now.
+    pub effective_priority: u8,
+    /// Current master's address (ours while master), if known.
+    pub master_addr: Option<IpAddr>,
+    /// Our advert source address.
+    pub source_addr: Option<IpAddr>,
+    /// Number of state changes since start.
+    pub transitions: u64,
+    /// Unix time of the last change (seconds).
+    pub last_transition_unix: Option<f64>,
+    /// Reason of the last change.
+    pub last_transition_reason: Option<String>,
+    /// Adverts sent.
+    pub adverts_sent: u64,
+    /// Valid adverts received.
+    pub adverts_received: u64,
+    /// Rejected packets by reason.
+    pub invalid: BTreeMap<String, u64>,
+    /// Last VIP / send error, if any.
+    pub last_error: Option<String>,
+}
+
+impl InstanceStatus {
+    /// Status before the instance runs.
+    pub fn new(name: &str) -> InstanceStatus {
+        InstanceStatus {
+            name: name.to_string(),
+            state: State::Initialize,
+            effective_priority: 0,
+            master_addr: None,
+            source_addr: None,
+            transitions: 0,
+            last_transition_unix: None,
+            last_transition_reason: None,
+            adverts_sent: 0,
+            adverts_received: 0,
+            invalid: BTreeMap::new(),
+            last_error: None,
+        }
+    }
+}
+
+/// The channels an instance talks through.
+#[derive(Debug)]
+pub struct RunHandles {
+    /// Number of healthy gateways (for `track`).
+    pub healthy: watch::Receiver<usize>,
+    /// Cancelled on SIGTERM: the instance hands over and returns.
+    pub shutdown: CancellationToken,
+    /// Where status is published.
+    pub status: watch::Sender<InstanceStatus>,
+    /// Shared metrics.
+    pub metrics: VrrpMetrics,
+    /// New configs on reload; only priority, preempt, preempt_delay, advert_interval,
+    /// track, handoff_timeout and gratuitous take effect without a restart.
+    pub reload: Option<watch::Receiver<InstanceConfig>>,
+    /// Wall-clock time at the moment `run` is called (library code does not read the wall
+    /// clock); used for `last_transition` timestamps.
+    pub wall_clock_at_start: SystemTime,
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[derive(Default)]
+struct Timers {
+    adver: Option<Instant>,
+    master_down: Option<Instant>,
+    handoff: Option<Instant>,
+    garp_burst: Option<Instant>,
+    garp_refresh: Option<Instant>,
+}
+
+struct Runner {
+    cfg: InstanceConfig,
+    fsm: Fsm,
+    socket: VrrpSocket,
+    vips: VipSet,
+    vip_addrs: Vec<IpAddr>,
+    timers: Timers,
+    start: Instant,
+    handles_status: watch::Sender<InstanceStatus>,
+    metrics: VrrpMetrics,
+    label: InstanceLabel,
+    wall_start: SystemTime,
+    status: InstanceStatus,
+}
+
+/// Runs one instance until `shutdown` is cancelled and the handover finished.
+///
+/// Startup: opens the socket, prepares the VMACs, and if any VIP is already present (a
+/// restart after kill -9 while master) adopts it (see `fsm` module doc). Errors while
+/// running (a failed VIP add, a send error) are logged, counted in `last_error`, and do not
+/// stop the instance; only setup errors are returned.
+pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), InstanceError> {
+    let family = config.validate()?;
+    let name = config.name.clone();
+    let vip_addrs: Vec<IpAddr> = config.virtual_ips.iter().map(|v| v.addr).collect();
+    let socket = VrrpSocket::open(&SocketParams {
+        interface: config.interface.clone(),
+        family,
+        unicast_peers: config.unicast_peers.clone(),
+        exclude_sources: vip_addrs.clone(),
+    })
+    .map_err(|source| InstanceError::Network {
+        instance: name.clone(),
+        source: Box::new(source),
+    })?;
+    let vip_err = |source| InstanceError::Vip {
+        instance: name.clone(),
+        source: Box::new(source),
+    };
+    let nl = Netlink::connect().map_err(|e| vip_err(e.into()))?;
+    let vips = VipSet::prepare(nl, config.vrid, config.vmac, &config.virtual_ips)
+        .await
+        .map_err(vip_err)?;
+    let vips_present = vips.any_present().await.map_err(vip_err)?;
+
+    let metrics = handles.metrics.clone();
+    metrics.init_instance(&name);
+    let mut status = InstanceStatus::new(&name);
+    status.source_addr = Some(socket.source());
+    let fsm = Fsm::new(config.fsm_config(socket.source()));
+    let mut r = Runner {
+        label: InstanceLabel {
+            instance: name.clone(),
+        },
+        fsm,
+        socket,
+        vips,
+        vip_addrs,
+        timers: Timers::default(),
+        start: Instant::now(),
+        handles_status: handles.status.clone(),
+        metrics,
+        wall_start: handles.wall_clock_at_start,
+        status,
+        cfg: config,
+    };
+    tracing::info!(
+        instance = %name,
+        interface = %r.cfg.interface,
+        vrid = r.cfg.vrid,
+        source = %r.socket.source(),
+        vip_interfaces = ?r.vips.interfaces(),
+        vips_present,
+        "VRRP instance starting"
+    );
+    let healthy_now = *handles.healthy.borrow_and_update();
+    if r.cfg.track.is_some() {
+        r.feed(Event::TrackChanged {
+            healthy_count: healthy_now,
+        })
+        .await;
+    }
+    if r.feed(Event::Startup { vips_present }).await {
+        return r.finish().await;
+    }
+
+    let ctx = DecodeContext {
+        version: r.cfg.version,
+        family,
+        vrids: std::iter::once(r.cfg.vrid)
+            .chain(r.cfg.sibling_vrids.iter().copied())
+            .collect::<BTreeSet<u8>>(),
+        checksum_mode: r.cfg.checksum_mode,
+    };
+    let v2_interval = match r.cfg.version {
+        Version::V2 => u8::try_from(r.cfg.advert_interval.as_secs()).ok(),
+        Version::V3 => None,
+    };
+    let mut buf = vec![0u8; 2048];
+    let mut shutdown_fed = false;
+    let mut reload = handles.reload.take();
+    loop {
+        let t = &r.timers;
+        let (adver, master_down, handoff, garp_burst, garp_refresh) = (
+            t.adver,
+            t.master_down,
+            t.handoff,
+            t.garp_burst,
+            t.garp_refresh,
+        );
+        let event = tokio::select! {
+            biased;
+            _ = handles.shutdown.cancelled(), if !shutdown_fed => {
+                shutdown_fed = true;
+                Some(Event::Shutdown)
+            }
+            _ = sleep_until_opt(master_down) => {
+                r.timers.master_down = None;
+                Some(Event::MasterDownTimerFired)
+            }
+            _ = sleep_until_opt(adver) => {
+                r.timers.adver = None;
+                Some(Event::AdverTimerFired)
+            }
+            _ = sleep_until_opt(handoff) => {
+                r.timers.handoff = None;
+                Some(Event::HandoffTimerFired)
+            }
+            res = r.socket.recv(&mut buf) => match res {
+                Ok(rx) => r.on_packet(&buf, rx, &ctx, v2_interval),
+                Err(e) => {
+                    tracing::warn!(instance = %name, error = %e, "VRRP receive failed");
+                    r.status.last_error = Some(e.to_string());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    None
+                }
+            },
+            _ = sleep_until_opt(garp_burst) => {
+                r.timers.garp_burst = None;
+                r.announce();
+                None
+            }
+            _ = sleep_until_opt(garp_refresh) => {
+                r.timers.garp_refresh = r.cfg.gratuitous.refresh.map(|d| Instant::now() + d);
+                r.announce();
+                None
+            }
+            changed = handles.healthy.changed() => match changed {
+                Ok(()) => Some(Event::TrackChanged { healthy_count: *handles.healthy.borrow_and_update() }),
+                // The sender is gone: keep the last value, stop watching.
+                Err(_) => { handles.healthy = watch::channel(healthy_now).1; None }
+            },
+            changed = async { match reload.as_mut() { Some(rx) => rx.changed().await, None => std::future::pending().await } } => {
+                match (changed, reload.as_mut()) {
+                    (Ok(()), Some(rx)) => {
+                        let new = rx.borrow_and_update().clone();
+                        r.apply_reload(new)
+                    }
+                    _ => { reload = None; None }
+                }
+            }
+        };
+        if let Some(ev) = event {
+            if r.feed(ev).await {
+                return r.finish().await;
+            }
+        }
+    }
+}
+
+impl Runner {
+    fn now(&self) -> Duration {
+        Instant::now().duration_since(self.start)
+    }
+
+    fn apply_reload(&mut self, new: InstanceConfig) -> Option<Event> {
+        let restart_needed = new.interface != self.cfg.interface
+            || new.vrid != self.cfg.vrid
+            || new.version != self.cfg.version
+            || new.unicast_peers != self.cfg.unicast_peers
+            || new.vmac != self.cfg.vmac
+            || new.virtual_ips != self.cfg.virtual_ips
+            || new.checksum_mode != self.cfg.checksum_mode;
+        if restart_needed {
+            tracing::warn!(
+                instance = %self.cfg.name,
+                "VRRP reload: interface, vrid, version, unicast_peers, vmac, virtual_ips and \
+                 checksum changes need a restart of the instance; applying the rest"
+            );
+        }
+        if new.validate().is_err() {
+            tracing::warn!(instance = %self.cfg.name, "VRRP reload: invalid config ignored");
+            return None;
+        }
+        self.cfg.priority = new.priority;
+        self.cfg.advert_interval = new.advert_interval;
+        self.cfg.preempt = new.preempt;
+        self.cfg.preempt_delay = new.preempt_delay;
+        self.cfg.track = new.track;
+        self.cfg.handoff_timeout = new.handoff_timeout;
+        self.cfg.gratuitous = new.gratuitous;
+        Some(Event::ConfigChanged {
+            config: self.cfg.fsm_config(self.socket.source()),
+        })
+    }
+
+    fn count_invalid(&mut self, reason: &str) {
+        *self.status.invalid.entry(reason.to_string()).or_default() += 1;
+        self.metrics
+            .invalid_packets
+            .get_or_create(&ReasonLabels {
+                instance: self.cfg.name.clone(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    fn on_packet(
+        &mut self,
+        buf: &[u8],
+        rx: crate::network::Received,
+        ctx: &DecodeContext,
+        v2_interval: Option<u8>,
+    ) -> Option<Event> {
+        if rx.meta.src == self.socket.source() {
+            return None;
+        }
+        if !self.cfg.unicast_peers.is_empty() && !self.cfg.unicast_peers.contains(&rx.meta.src) {
+            self.count_invalid("unknown_peer");
+            return None;
+        }
+        let payload = buf.get(rx.payload.clone())?;
+        match packet::decode(payload, &rx.meta, ctx, v2_interval) {
+            Ok(adv) if adv.vrid != self.cfg.vrid => None,
+            Ok(adv) => {
+                self.status.adverts_received += 1;
+                self.metrics
+                    .adverts_received
+                    .get_or_create(&self.label)
+                    .inc();
+                Some(Event::AdvertReceived {
+                    priority: adv.priority,
+                    max_adver_interval: adv.interval(),
+                    src: rx.meta.src,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(instance = %self.cfg.name, src = %rx.meta.src, error = %e, "VRRP packet rejected");
+                self.count_invalid(e.reason());
+                None
+            }
+        }
+    }
+
+    fn announce(&mut self) {
+        if let Err(e) = self.vips.announce(self.cfg.gratuitous.repeat) {
+            tracing::warn!(instance = %self.cfg.name, error = %e, "gratuitous announcement failed");
+            self.status.last_error = Some(e.to_string());
+        }
+    }
+
+    async fn send_advert(&mut self, priority: u8) {
+        let adv = Advertisement {
+            version: self.cfg.version,
+            vrid: self.cfg.vrid,
+            priority,
+            adver_int: Advertisement::adver_int_field(self.cfg.version, self.cfg.advert_interval),
+            addresses: self.vip_addrs.clone(),
+        };
+        let src = self.socket.source();
+        for dst in self.socket.destinations().to_vec() {
+            let res = match adv.encode(src, dst, self.cfg.checksum_mode) {
+                Ok(bytes) => self
+                    .socket
+                    .send(&bytes, dst)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match res {
+                Ok(()) => {
+                    self.status.adverts_sent += 1;
+                    self.metrics.adverts_sent.get_or_create(&self.label).inc();
+                }
+                Err(e) => {
+                    tracing::debug!(instance = %self.cfg.name, %dst, error = %e, "VRRP advert not sent");
+                    self.status.last_error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// Feeds an event and performs the actions; true once the instance stopped.
+    async fn feed(&mut self, event: Event) -> bool {
+        let now = self.now();
+        let actions = self.fsm.handle(event, now);
+        let mut stopped = false;
+        for action in actions {
+            match action {
+                Action::SendAdvert { priority } => self.send_advert(priority).await,
+                Action::AddVips => {
+                    if let Err(e) = self.vips.add_all().await {
+                        tracing::error!(instance = %self.cfg.name, error = %e, "adding VIPs failed");
+                        self.status.last_error = Some(e.to_string());
+                    }
+                }
+                Action::RemoveVips => {
+                    if let Err(e) = self.vips.remove_all().await {
+                        tracing::error!(instance = %self.cfg.name, error = %e, "removing VIPs failed");
+                        self.status.last_error = Some(e.to_string());
+                    }
+                    self.timers.garp_burst = None;
+                    self.timers.garp_refresh = None;
+                }
+                Action::SendGratuitous => {
+                    self.announce();
+                    let g = self.cfg.gratuitous;
+                    self.timers.garp_burst = g.second_burst_after.map(|d| Instant::now() + d);
+                    self.timers.garp_refresh = g.refresh.map(|d| Instant::now() + d);
+                }
+                Action::ArmAdverTimer { after } => self.timers.adver = Some(Instant::now() + after),
+                Action::ArmMasterDownTimer { after } => {
+                    self.timers.master_down = Some(Instant::now() + after)
+                }
+                Action::ArmHandoffTimer { after } => {
+                    self.timers.handoff = Some(Instant::now() + after)
+                }
+                Action::CancelTimers => {
+                    self.timers.adver = None;
+                    self.timers.master_down = None;
+                    self.timers.handoff = None;
+                }
+                Action::StateChanged { from, to, reason } => {
+                    tracing::info!(
+                        instance = %self.cfg.name,
+                        from = from.as_str(),
+                        to = to.as_str(),
+                        reason = reason.as_str(),
+                        priority = self.fsm.effective_priority(),
+                        master = ?self.fsm.master_addr(),
+                        "VRRP state change"
+                    );
+                    let unix = self
+                        .wall_start
+                        .checked_add(now)
+                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs_f64());
+                    self.status.transitions += 1;
+                    self.status.last_transition_unix = unix;
+                    self.status.last_transition_reason = Some(reason.as_str().to_string());
+                    self.metrics.transitions.get_or_create(&self.label).inc();
+                    if let Some(u) = unix {
+                        self.metrics
+                            .last_transition
+                            .get_or_create(&self.label)
+                            .set(u);
+                    }
+                    self.metrics.set_state(&self.cfg.name, to);
+                    if to != State::Master {
+                        self.timers.garp_burst = None;
+                        self.timers.garp_refresh = None;
+                    }
+                }
+                Action::Stopped => stopped = true,
+            }
+        }
+        self.publish();
+        stopped
+    }
+
+    fn publish(&mut self) {
+        self.status.state = self.fsm.state();
+        self.status.effective_priority = self.fsm.effective_priority();
+        self.status.master_addr = self.fsm.master_addr();
+        self.metrics
+            .effective_priority
+            .get_or_create(&self.label)
+            .set(i64::from(self.fsm.effective_priority()));
+        let s = self.status.clone();
+        self.handles_status.send_if_modified(|old| {
+            if *old == s {
+                false
+            } else {
+                *old = s;
+                true
+            }
+        });
+    }
+
+    async fn finish(self) -> Result<(), InstanceError> {
+        // Clean stop: the VIPs are gone (the state machine removed them); delete the VMACs
+        // so nothing is left behind. After kill -9 they stay and the next start adopts them.
+        if let Err(e) = self.vips.teardown().await {
+            tracing::warn!(instance = %self.cfg.name, error = %e, "VMAC teardown failed");
+        }
+        tracing::info!(instance = %self.cfg.name, "VRRP instance stopped");
+        Ok(())
+    }
+}
