@@ -47,7 +47,7 @@ test: deps lint test-cargo test-vm
 
 demo: deps
 	$(CARGO) build --bin vpn-router --bin vpn-router-lab
-	./target/debug/vpn-router-lab demo --router-bin ./target/debug/vpn-router
+	VPN_ROUTER_BIN=./target/debug/vpn-router ./target/debug/vpn-router-lab demo
 
 bench:
 	@echo "make bench: no benchmark scenario has landed yet (see docs/benchmarks.md)" >&2; exit 1
