@@ -1,0 +1,245 @@
+//! Egress routing and kill switch: keeps the kernel's nexthops, egress routes and policy rules
+//! equal to what the planner derives from the healthy set.
+//!
+//! Owns: the reconcile loop (dump → plan → diff → apply), adoption at start, periodic resync
+//! and the `first_reconcile_done` signal. The pure parts are in `plan` and `diff`; kernel
+//! access goes through `crate::netlink`. It must not run health checks, and it never deletes
+//! anything [`Ownership`] does not cover. On shutdown it leaves the kernel as it is: the next
+//! instance adopts it, and the kill switch stays in place meanwhile.
+
+mod diff;
+mod plan;
+mod sysctl;
+
+pub use diff::{diff, Change, KernelState};
+pub use plan::{
+    bootstrap_plan, ownership, plan, reserved_ranges, EgressMode, EgressPlan, EgressSettings,
+    EgressSettingsError, NoneHealthy, Ownership, ProbeRouting, ResilientSettings, ACTIVE_METRIC,
+    KILL_SWITCH_METRIC, MAX_GATEWAYS, RTPROT_VPN_ROUTER,
+};
+pub use sysctl::{apply_sysctls, apply_sysctls_at, desired_sysctls, Sysctl};
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{EgressError, NetlinkError};
+use crate::health::HealthyGateways;
+use crate::metrics::Metrics;
+use crate::netlink::{describe_rule, RouteSocket};
+
+/// After a failed reconcile, try again this soon (not only at the next resync).
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Kernel writes made (successful ones).
+    pub writes: usize,
+    /// One line per change made, for logs and tests.
+    pub changes: Vec<String>,
+}
+
+/// Could not start the egress manager.
+#[derive(Debug, thiserror::Error)]
+pub enum EgressSetupError {
+    #[error(transparent)]
+    Settings(#[from] EgressSettingsError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+}
+
+#[derive(Debug)]
+pub struct EgressManager {
+    settings: EgressSettings,
+    ownership: Ownership,
+    socket: RouteSocket,
+    metrics: Metrics,
+    ready: watch::Sender<bool>,
+}
+
+impl EgressManager {
+    /// Validates the settings and opens a netlink socket in the caller's network namespace.
+    /// Must be called inside a tokio runtime.
+    pub fn new(settings: EgressSettings, metrics: Metrics) -> Result<Self, EgressSetupError> {
+        settings.validate()?;
+        let socket = RouteSocket::open()?;
+        let (ready, _) = watch::channel(false);
+        Ok(EgressManager {
+            ownership: ownership(&settings),
+            settings,
+            socket,
+            metrics,
+            ready,
+        })
+    }
+
+    pub fn settings(&self) -> &EgressSettings {
+        &self.settings
+    }
+
+    /// Becomes `true` after the first reconcile that applied everything (for `/readyz`).
+    pub fn first_reconcile_done(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Adds the kill-switch routes and the rules if they are missing, touching nothing else.
+    /// Run at start, before the first healthy set is known, so client traffic is never
+    /// routed by the main table while the daemon is starting; adopted state stays as it is.
+    pub async fn bootstrap(&mut self) -> Result<ApplyReport, EgressError> {
+        let kernel = self.dump().await?;
+        let changes: Vec<Change> = diff(&bootstrap_plan(&self.settings), &self.ownership, &kernel)
+            .into_iter()
+            .filter(|c| matches!(c, Change::SetRoute(_) | Change::AddRule(_)))
+            .collect();
+        self.apply(changes).await
+    }
+
+    /// Brings the kernel to the plan for `healthy`. A no-change pass writes nothing.
+    pub async fn reconcile(
+        &mut self,
+        healthy: &HealthyGateways,
+    ) -> Result<ApplyReport, EgressError> {
+        let (oif, link_error) = match self.socket.link_index(&self.settings.interface).await {
+            Ok(index) => (Some(index), None),
+            Err(e) => (None, Some(e)),
+        };
+        let kernel = self.dump().await?;
+        let desired = plan(&self.settings, healthy, oif);
+        let changes = diff(&desired, &self.ownership, &kernel);
+        let result = self.apply(changes).await;
+        match (result, link_error) {
+            (Ok(report), None) => {
+                self.ready.send_replace(true);
+                Ok(report)
+            }
+            (Ok(_), Some(e)) => Err(EgressError::Apply { count: 1, first: e }),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    async fn dump(&self) -> Result<KernelState, EgressError> {
+        Ok(KernelState {
+            nexthops: self
+                .socket
+                .dump_nexthops()
+                .await
+                .map_err(EgressError::Dump)?,
+            routes: self.socket.dump_routes().await.map_err(EgressError::Dump)?,
+            rules: self.socket.dump_rules().await.map_err(EgressError::Dump)?,
+        })
+    }
+
+    async fn apply(&self, changes: Vec<Change>) -> Result<ApplyReport, EgressError> {
+        let mut report = ApplyReport::default();
+        let mut errors: Vec<NetlinkError> = Vec::new();
+        for change in changes {
+            let text = describe(&change);
+            let result = match &change {
+                Change::SetNexthop(n) => self.socket.set_nexthop(n).await,
+                Change::DeleteNexthop(id) => self.socket.delete_nexthop(*id).await,
+                Change::SetRoute(r) => self.socket.set_route(r).await,
+                Change::DeleteRoute(r) => self.socket.delete_route(r).await,
+                Change::AddRule(r) => self.socket.add_rule(r).await,
+                Change::DeleteRule(r) => self.socket.delete_rule(r).await,
+            };
+            match result {
+                Ok(()) => {
+                    tracing::info!(change = %text, "egress: kernel updated");
+                    self.metrics.count_change(change.object());
+                    report.writes += 1;
+                    report.changes.push(text);
+                }
+                // Already gone (the kernel removes routes with their nexthop): nothing to do.
+                Err(e)
+                    if is_delete(&change) && e.errno() == Some(libc::ESRCH)
+                        || is_delete(&change) && e.errno() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    tracing::warn!(change = %text, error = %e, "egress: kernel refused a change");
+                    errors.push(e);
+                }
+            }
+        }
+        let count = errors.len();
+        match errors.into_iter().next() {
+            None => Ok(report),
+            Some(first) => {
+                self.metrics.egress_reconcile_errors.inc();
+                Err(EgressError::Apply { count, first })
+            }
+        }
+    }
+
+    /// Bootstrap, wait for the first complete healthy set, reconcile, then reconcile on every
+    /// change and every `resync_interval` until `cancel` fires.
+    pub async fn run(
+        mut self,
+        mut healthy: watch::Receiver<HealthyGateways>,
+        cancel: CancellationToken,
+    ) {
+        if let Err(e) = self.bootstrap().await {
+            tracing::warn!(error = %e, "egress: cannot install the kill switch at start");
+        }
+        loop {
+            if healthy.borrow_and_update().complete {
+                break;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = healthy.changed() => if changed.is_err() { return },
+            }
+        }
+        let period = self.settings.resync_interval;
+        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let retry = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(retry);
+        let mut retry_armed = true;
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = healthy.changed() => if changed.is_err() { return },
+                _ = resync.tick() => {}
+                () = &mut retry, if retry_armed => {}
+            }
+            retry_armed = false;
+            let current = healthy.borrow_and_update().clone();
+            if let Err(e) = self.reconcile(&current).await {
+                tracing::warn!(error = %e, "egress: reconcile failed; retrying");
+                retry
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + RETRY_AFTER_ERROR);
+                retry_armed = true;
+            }
+        }
+    }
+}
+
+fn is_delete(change: &Change) -> bool {
+    matches!(
+        change,
+        Change::DeleteNexthop(_) | Change::DeleteRoute(_) | Change::DeleteRule(_)
+    )
+}
+
+fn describe(change: &Change) -> String {
+    match change {
+        Change::SetNexthop(n) => format!("set nexthop {} {:?}", n.id, n.kind),
+        Change::DeleteNexthop(id) => format!("delete nexthop {id}"),
+        Change::SetRoute(r) => {
+            format!(
+                "set route {} table {} metric {} -> {:?}",
+                r.dst, r.table, r.metric, r.target
+            )
+        }
+        Change::DeleteRoute(r) => {
+            format!(
+                "delete route {} table {} metric {} ({:?})",
+                r.dst, r.table, r.metric, r.target
+            )
+        }
+        Change::AddRule(r) => format!("add rule {}", describe_rule(r)),
+        Change::DeleteRule(r) => format!("delete rule {}", describe_rule(r)),
+    }
+}
