@@ -29,6 +29,40 @@ fn master(lab: &Lab) -> Option<usize> {
         .position(|r| r.is_running() && r.holds_egress_vip())
 }
 
+/// The issue that builds each component the daemon reports in `/status`.
+fn issue_of(component: &str) -> &'static str {
+    match component {
+        "vrrp" => "issue 5",
+        "gateways" => "issues 6-8",
+        "ingress" => "issues 4 and 9",
+        "ddns" => "issue 10",
+        _ => "see the issue list",
+    }
+}
+
+/// `components.<name>.state` from each running router's `/status`.
+fn component_states(lab: &Lab) -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in lab.routers() {
+        let Ok(v) = r.status() else { continue };
+        let Some(comps) = v["components"].as_object() else {
+            continue;
+        };
+        for (name, c) in comps {
+            let state = c["state"].as_str().unwrap_or("?").to_string();
+            m.entry(name.clone()).or_default().push(state);
+        }
+    }
+    m
+}
+
+/// True when some router reports `component` as built (any state but `not_built`).
+fn built(states: &BTreeMap<String, Vec<String>>, component: &str) -> bool {
+    states
+        .get(component)
+        .is_some_and(|v| v.iter().any(|s| s != "not_built"))
+}
+
 fn first_lines(s: &str, n: usize) -> String {
     s.lines().take(n).collect::<Vec<_>>().join("\n      ")
 }
@@ -55,30 +89,57 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     // Routers.
     heading(0, "routers");
     let mut running = 0;
+    let mut missing_binary = false;
     for r in lab.routers() {
         match r.start() {
             Ok(()) => {
                 running += 1;
-                let comps = r
-                    .status()
-                    .ok()
-                    .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()))
-                    .map(|k| k.join(", "))
-                    .unwrap_or_else(|| "(no /status JSON)".into());
-                println!(
-                    "  router {}: vpn-router running; /status has: {comps}",
-                    r.index
-                );
+                let ready = r
+                    .api_get("/readyz")
+                    .map(|x| {
+                        if x.status == 200 {
+                            "ready"
+                        } else {
+                            "not ready"
+                        }
+                    })
+                    .unwrap_or("no answer on /readyz");
+                println!("  router {}: vpn-router running, {ready}", r.index);
             }
-            Err(e) => println!(
-                "  router {}: vpn-router did not start: {}",
-                r.index,
-                first_lines(&e.to_string(), 6)
-            ),
+            Err(e) => {
+                missing_binary |= matches!(e, LabError::NoRouterBinary { .. });
+                println!(
+                    "  router {}: vpn-router did not start: {}",
+                    r.index,
+                    first_lines(&e.to_string(), 6)
+                )
+            }
         }
     }
-    if running == 0 {
-        println!("  not built yet: `vpn-router run` (issue 2) — the scenes below run without routers and show what fails");
+    if !crate::lab::ipvs_available() {
+        println!(
+            "  (this kernel has no IPVS, so the routers' configs leave out the ingress section)"
+        );
+    }
+    if missing_binary {
+        println!("  not built yet: the vpn-router binary (issue 2) — the scenes below run without routers and show what fails");
+    } else if running == 0 {
+        println!("  no router is running (see above) — the scenes below run without routers and show what fails");
+    }
+    let states = component_states(&lab);
+    if !states.is_empty() {
+        println!(
+            "  {:<10} {}",
+            "component", "state on each router (from /status)"
+        );
+        for (name, v) in &states {
+            let note = if built(&states, name) {
+                String::new()
+            } else {
+                format!("   ← not built yet ({})", issue_of(name))
+            };
+            println!("  {name:<10} {}{note}", v.join(", "));
+        }
     }
     // Give VRRP a moment to elect (3 adverts of 100 ms + skew).
     if running > 0 {
@@ -90,6 +151,10 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     let m = master(&lab);
     match m {
         Some(k) => println!("  router {k} holds the egress VIP {}", topo::EGRESS_VIP),
+        None if running > 0 && built(&states, "vrrp") => println!(
+            "  no router holds the egress VIP {} although VRRP is built: see the routers' logs",
+            topo::EGRESS_VIP
+        ),
         None => println!(
             "  no router holds the egress VIP {}: not built yet: VRRP (issue 5)",
             topo::EGRESS_VIP
@@ -106,7 +171,7 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     let mut failed = 0;
     let mut first_err = None;
     for _ in 0..40 {
-        match client.exit_ip(Duration::from_millis(300)) {
+        match client.exit_ip(Duration::from_millis(250)) {
             Ok(ip) => *seen.entry(ip.to_string()).or_insert(0) += 1,
             Err(e) => {
                 failed += 1;
@@ -135,9 +200,11 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     if !egress_works {
         println!("  first error: {}", first_err.unwrap_or_default());
         if m.is_none() {
-            println!("  nobody answers for the egress VIP, so nothing leaves (VRRP: issue 5; egress routing: issue 6)");
-        } else {
+            println!("  nobody answers for the egress VIP, so nothing leaves (VRRP: issue 5)");
+        } else if !built(&states, "gateways") {
             println!("  the VIP is held but nothing routes to a gateway: not built yet: egress routing (issue 6)");
+        } else {
+            println!("  the VIP is held and egress is built, yet nothing got through: see the routers' logs");
         }
     }
     match lab.leaked_packets() {
@@ -204,7 +271,11 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     );
     let broken = 1.min(lab.gateways().len() - 1);
     if !egress_works {
-        println!("  not built yet: gateway health + egress routing (issue 6) — no traffic reaches a gateway to lose");
+        println!(
+            "  skipped: no request got through in scene 1, so no traffic reaches a gateway to lose"
+        );
+        heading(4, "long-lived flows when that gateway died");
+        println!("  skipped for the same reason (flow-stable egress: issue 8)");
     } else {
         let mut flows = client.open_flows(40, Duration::from_millis(500))?;
         let before = flows.by_exit();

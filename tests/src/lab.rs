@@ -101,6 +101,13 @@ pub fn teardown_prefix(prefix: &str) {
     }
 }
 
+/// True when the kernel has IPVS (the module is loaded or built in). Without it the lab's
+/// router configs leave out the `ingress` section, since vpn-router refuses to start an
+/// ingress config on a kernel that cannot run it.
+pub fn ipvs_available() -> bool {
+    Path::new("/proc/net/ip_vs").exists() || Path::new("/proc/sys/net/ipv4/vs").exists()
+}
+
 fn which(tool: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
@@ -264,6 +271,7 @@ impl Proc {
         let child = ns
             .command(program)
             .args(args)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -831,7 +839,7 @@ impl Lab {
                 router: r.index,
                 routers: b.routers,
                 gateways: b.gateways,
-                ingress_pods: b.ingress_pods,
+                ingress_pods: if ipvs_available() { b.ingress_pods } else { 0 },
                 auth: b.auth.clone(),
                 secrets: secrets.clone(),
                 tuning: b.tuning.clone(),

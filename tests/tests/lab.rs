@@ -1,7 +1,11 @@
 //! The lab itself, as root: setup/teardown leave nothing behind (also after a kill -9 of the
 //! lab's owner), the gluetun mock answers every endpoint and break mode, and the gateways'
 //! SNAT/DNAT plumbing works with a hand-made route (before vpn-router's engines exist).
-#![allow(clippy::disallowed_types, clippy::disallowed_methods, clippy::unwrap_used)]
+#![allow(
+    clippy::disallowed_types,
+    clippy::disallowed_methods,
+    clippy::unwrap_used
+)]
 
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
@@ -400,4 +404,145 @@ fn two_labs_side_by_side() {
     assert_gone(&a_names, &a_pids, "lab a");
     // b is untouched by a's teardown.
     assert_eq!(b.client(0).exit_ip(Duration::from_secs(2)).unwrap(), eb);
+}
+
+#[test]
+fn measurement_helpers_see_what_happened() {
+    use lab::RouterLink;
+    use std::net::SocketAddr;
+    let lab = build(
+        builder()
+            .gateways(2)
+            .routers(1)
+            .clients(1)
+            .ingress_pods(0)
+            .dns(false),
+    );
+    lab.static_egress(0, 0).unwrap();
+    let c = lab.client(0);
+
+    // A 300 ms cable cut between the client's next hop and the switch shows up as a gap.
+    let r = lab.router(0);
+    let out = c
+        .ping_outage(
+            topo::EGRESS_VIP,
+            Duration::from_millis(10),
+            Duration::from_secs(2),
+            Duration::from_millis(300),
+            || {
+                r.cut_link(RouterLink::Gateway).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                r.restore_link(RouterLink::Gateway).unwrap();
+            },
+        )
+        .unwrap();
+    assert!(out.sent > 100, "{out:?}");
+    assert!(
+        out.lost() >= 15,
+        "a 300 ms cut at 10 ms pings lost only {}",
+        out.lost()
+    );
+    assert!(
+        out.longest_gap >= Duration::from_millis(250)
+            && out.longest_gap < Duration::from_millis(1000),
+        "{out:?}"
+    );
+
+    // Long-lived flows on gateway 0 die with its tunnel; new connections fail until the
+    // route moves to gateway 1 (done by hand here, ~500 ms after the break).
+    let mut flows = c.open_flows(5, Duration::from_secs(1)).unwrap();
+    assert_eq!(flows.by_exit().get(&topo::gateway_public(0)), Some(&5));
+    let g0 = lab.gateway(0);
+    let timeline = lab::probe::connection_timeline(
+        &c.ns,
+        SocketAddr::from((topo::INTERNET_ECHO, 7)),
+        Duration::from_millis(20),
+        Duration::from_millis(100),
+        Duration::from_millis(1500),
+        Duration::from_millis(200),
+        || {
+            g0.break_as(GatewayBreak::TunnelDead).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            lab.static_egress(0, 1).unwrap();
+        },
+    )
+    .unwrap();
+    let failed: Vec<_> = timeline.iter().filter(|(_, r)| r.is_none()).collect();
+    let last_fail = failed
+        .iter()
+        .map(|(t, _)| *t)
+        .max()
+        .expect("no failure seen");
+    assert!(
+        last_fail > Duration::from_millis(400) && last_fail < Duration::from_millis(900),
+        "last failure at {last_fail:?}"
+    );
+    assert!(timeline
+        .iter()
+        .any(|(t, r)| *t > Duration::from_millis(900) && *r == Some(topo::gateway_public(1))));
+    assert!(
+        flows.check(Duration::from_millis(300)).iter().all(|a| !a),
+        "flows on a dead tunnel still echo"
+    );
+}
+
+#[test]
+fn routers_run_with_the_generated_config() {
+    let lab = build(
+        Lab::builder()
+            .lab_bin(LAB_BIN)
+            .gateways(2)
+            .routers(2)
+            .clients(1)
+            .ingress_pods(1)
+            .dns(true),
+    );
+    let router_bin = lab::lab::find_binary("vpn-router", "VPN_ROUTER_BIN");
+    for r in lab.routers() {
+        let out = Command::new(&router_bin)
+            .arg("check-config")
+            .arg(&r.config_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "check-config rejects the lab's config: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(r.api_get("/healthz").unwrap().status, 200);
+        let st = r.status().unwrap();
+        assert!(st["components"].is_object(), "/status: {st}");
+        let metrics = r.api_get("/metrics").unwrap();
+        assert!(metrics.body.contains("vpn_router_"), "{}", metrics.body);
+    }
+    // The lab can signal, cut, kill and restart a router.
+    let r1 = lab.router(1);
+    r1.sighup();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(r1.is_running(), "SIGHUP stopped router 1");
+    r1.cut_link(lab::RouterLink::Vrrp).unwrap();
+    assert!(r1
+        .ns
+        .ip(&["link", "show", "vrrp0"])
+        .unwrap()
+        .contains("NO-CARRIER"));
+    r1.restore_link(lab::RouterLink::Vrrp).unwrap();
+    let st = r1
+        .sigterm(Duration::from_secs(5))
+        .expect("router 1 ignored SIGTERM");
+    assert!(st.contains("exit status: 0"), "router 1 exited with {st}");
+    r1.restart().unwrap();
+    assert_eq!(r1.api_get("/healthz").unwrap().status, 200);
+    r1.kill9();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!r1.is_running());
+    r1.start().unwrap();
+    // Whatever the daemon does or does not do yet, client traffic never leaks.
+    let _ = lab.client(0).exit_ip(Duration::from_millis(300));
+    assert_eq!(
+        lab.leaked_packets().unwrap(),
+        0,
+        "client traffic leaked via the node"
+    );
 }
