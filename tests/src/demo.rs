@@ -128,10 +128,7 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     }
     let states = component_states(&lab);
     if !states.is_empty() {
-        println!(
-            "  {:<10} {}",
-            "component", "state on each router (from /status)"
-        );
+        println!("  {:<10} state on each router (from /status)", "component");
         for (name, v) in &states {
             let note = if built(&states, name) {
                 String::new()
