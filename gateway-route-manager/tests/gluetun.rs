@@ -1,6 +1,9 @@
 //! The gluetun client and the health checker against a tiny gluetun-like HTTP server on
 //! loopback (written here, no privileges needed).
 
+// Test harness helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -46,7 +49,9 @@ impl MockGluetun {
         let (r, a) = (routes.clone(), auth.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let (r, a) = (r.clone(), a.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
@@ -59,7 +64,12 @@ impl MockGluetun {
                 });
             }
         });
-        MockGluetun { addr, routes, auth, task }
+        MockGluetun {
+            addr,
+            routes,
+            auth,
+            task,
+        }
     }
 
     fn set(&self, path: &str, status: u16, body: &str) {
@@ -67,12 +77,19 @@ impl MockGluetun {
     }
 
     fn set_delayed(&self, path: &str, status: u16, body: &str, delay: Duration) {
-        self.routes.lock().unwrap().insert(path.to_owned(), (status, body.to_owned(), delay));
+        self.routes
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), (status, body.to_owned(), delay));
     }
 
     fn healthy(&self, ip: &str) {
         self.set("/v1/vpn/status", 200, r#"{"status":"running"}"#);
-        self.set("/v1/publicip/ip", 200, &format!(r#"{{"public_ip":"{ip}","country":"X"}}"#));
+        self.set(
+            "/v1/publicip/ip",
+            200,
+            &format!(r#"{{"public_ip":"{ip}","country":"X"}}"#),
+        );
         self.set("/v1/portforward", 200, r#"{"port":0}"#);
     }
 }
@@ -84,7 +101,10 @@ async fn answer(
 ) -> Response<Full<Bytes>> {
     let expected = auth.lock().unwrap().clone();
     if let Some((name, value)) = expected {
-        let got = req.headers().get(name.as_str()).and_then(|v| v.to_str().ok());
+        let got = req
+            .headers()
+            .get(name.as_str())
+            .and_then(|v| v.to_str().ok());
         if got != Some(value.as_str()) {
             return reply(401, "Unauthorized");
         }
@@ -106,7 +126,12 @@ fn reply(status: u16, body: &str) -> Response<Full<Bytes>> {
 }
 
 fn client(port: u16, auth: Option<ControlAuth>, timeout: Duration) -> GluetunClient {
-    GluetunClient::new(GluetunSettings { control_port: port, health_port: port, auth, timeout })
+    GluetunClient::new(GluetunSettings {
+        control_port: port,
+        health_port: port,
+        auth,
+        timeout,
+    })
 }
 
 const GW: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -127,16 +152,27 @@ async fn connection_refused() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let err = client(port, None, Duration::from_secs(2)).vpn_status(GW).await.unwrap_err();
+    let err = client(port, None, Duration::from_secs(2))
+        .vpn_status(GW)
+        .await
+        .unwrap_err();
     assert_eq!(err.reason, FailureReason::ConnectionRefused);
     let text = err.to_string();
-    assert!(text.starts_with("gateway 127.0.0.1: GET /v1/vpn/status: connection refused"), "{text}");
+    assert!(
+        text.starts_with("gateway 127.0.0.1: GET /v1/vpn/status: connection refused"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn timeout() {
     let mock = MockGluetun::start(GW, 0).await;
-    mock.set_delayed("/v1/vpn/status", 200, r#"{"status":"running"}"#, Duration::from_secs(5));
+    mock.set_delayed(
+        "/v1/vpn/status",
+        200,
+        r#"{"status":"running"}"#,
+        Duration::from_secs(5),
+    );
     let c = client(mock.addr.port(), None, Duration::from_millis(200));
     let started = tokio::time::Instant::now();
     let err = c.vpn_status(GW).await.unwrap_err();
@@ -149,15 +185,26 @@ async fn timeout() {
 async fn unauthorized_says_what_to_set() {
     let mock = MockGluetun::start(GW, 0).await;
     mock.healthy("203.0.113.7");
-    *mock.auth.lock().unwrap() = Some(("authorization".into(), "Basic cm91dGVyOnMzY3JldA==".into()));
+    *mock.auth.lock().unwrap() =
+        Some(("authorization".into(), "Basic cm91dGVyOnMzY3JldA==".into()));
     let c = client(mock.addr.port(), None, Duration::from_secs(2));
     let err = c.vpn_status(GW).await.unwrap_err();
     assert_eq!(err.reason, FailureReason::Unauthorized);
-    assert!(err.to_string().contains("set gateways.health.control_server.auth"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("set gateways.health.control_server.auth"),
+        "{err}"
+    );
 
     // With the right credentials (router:s3cret) it passes.
-    let basic = ControlAuth::Basic { username: "router".into(), password: Secret::new("s3cret") };
-    client(mock.addr.port(), Some(basic), Duration::from_secs(2)).vpn_status(GW).await.unwrap();
+    let basic = ControlAuth::Basic {
+        username: "router".into(),
+        password: Secret::new("s3cret"),
+    };
+    client(mock.addr.port(), Some(basic), Duration::from_secs(2))
+        .vpn_status(GW)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -172,7 +219,10 @@ async fn api_key_header() {
         .unwrap_err();
     assert_eq!(err.reason, FailureReason::Unauthorized);
     let right = ControlAuth::ApiKey(Secret::new("k3y"));
-    client(mock.addr.port(), Some(right), Duration::from_secs(2)).public_ip(GW).await.unwrap();
+    client(mock.addr.port(), Some(right), Duration::from_secs(2))
+        .public_ip(GW)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -183,9 +233,15 @@ async fn bad_json_and_other_statuses() {
     let c = client(mock.addr.port(), None, Duration::from_secs(2));
     let err = c.vpn_status(GW).await.unwrap_err();
     assert!(matches!(err.reason, FailureReason::BadJson(_)), "{err}");
-    assert_eq!(c.public_ip(GW).await.unwrap_err().reason, FailureReason::HttpStatus(503));
+    assert_eq!(
+        c.public_ip(GW).await.unwrap_err().reason,
+        FailureReason::HttpStatus(503)
+    );
     mock.set("/v1/publicip/ip", 200, r#"{"public_ip":"not-an-ip"}"#);
-    assert!(matches!(c.public_ip(GW).await.unwrap_err().reason, FailureReason::BadJson(_)));
+    assert!(matches!(
+        c.public_ip(GW).await.unwrap_err().reason,
+        FailureReason::BadJson(_)
+    ));
 }
 
 #[tokio::test]
@@ -193,7 +249,11 @@ async fn vpn_not_running() {
     let mock = MockGluetun::start(GW, 0).await;
     let c = client(mock.addr.port(), None, Duration::from_secs(2));
     for status in ["starting", "stopping", "stopped", "crashed", "completed"] {
-        mock.set("/v1/vpn/status", 200, &format!(r#"{{"status":"{status}"}}"#));
+        mock.set(
+            "/v1/vpn/status",
+            200,
+            &format!(r#"{{"status":"{status}"}}"#),
+        );
         let err = c.vpn_status(GW).await.unwrap_err();
         assert_eq!(err.reason, FailureReason::VpnNotRunning(status.into()));
     }
@@ -203,8 +263,10 @@ async fn vpn_not_running() {
 async fn empty_public_ip() {
     let mock = MockGluetun::start(GW, 0).await;
     mock.set("/v1/publicip/ip", 200, r#"{"public_ip":""}"#);
-    let err =
-        client(mock.addr.port(), None, Duration::from_secs(2)).public_ip(GW).await.unwrap_err();
+    let err = client(mock.addr.port(), None, Duration::from_secs(2))
+        .public_ip(GW)
+        .await
+        .unwrap_err();
     assert_eq!(err.reason, FailureReason::EmptyPublicIp);
     assert!(err.to_string().contains("GET /v1/publicip/ip"));
 }
@@ -221,10 +283,16 @@ async fn port_forward_new_list_and_old_endpoint_fallback() {
     mock.routes.lock().unwrap().remove("/v1/portforward");
     mock.set("/v1/openvpn/portforwarded", 200, r#"{"port":5555}"#);
     assert_eq!(c.forwarded_ports(GW).await.unwrap(), vec![5555]);
-    mock.routes.lock().unwrap().remove("/v1/openvpn/portforwarded");
+    mock.routes
+        .lock()
+        .unwrap()
+        .remove("/v1/openvpn/portforwarded");
     let err = c.forwarded_ports(GW).await.unwrap_err();
     assert_eq!(err.reason, FailureReason::HttpStatus(404));
-    assert!(err.to_string().contains("/v1/openvpn/portforwarded"), "{err}");
+    assert!(
+        err.to_string().contains("/v1/openvpn/portforwarded"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -239,7 +307,11 @@ async fn health_server() {
         err.reason,
         FailureReason::HealthServerUnhealthy("lookup github.com: i/o timeout".into())
     );
-    assert!(err.to_string().contains(&format!("health server :{}", mock.addr.port())), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("health server :{}", mock.addr.port())),
+        "{err}"
+    );
 }
 
 /// The checker end to end on loopback: two gateways (127.0.0.1 and 127.0.0.2, same port),
@@ -266,32 +338,40 @@ async fn checker_publishes_the_healthy_set() {
     let cancel = CancellationToken::new();
     let task = tokio::spawn(checker.run(cancel.clone()));
 
-    let wait_for = |rx: &mut tokio::sync::watch::Receiver<gateway_route_manager::HealthyGateways>,
-                    want: Vec<usize>| {
-        let mut rx = rx.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(5), async {
-                loop {
-                    let set: gateway_route_manager::HealthyGateways = rx.borrow_and_update().clone();
-                    if set.complete && set.indexes().collect::<Vec<_>>() == want {
-                        return set;
+    let wait_for =
+        |rx: &mut tokio::sync::watch::Receiver<gateway_route_manager::HealthyGateways>,
+         want: Vec<usize>| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), async {
+                    loop {
+                        let set: gateway_route_manager::HealthyGateways =
+                            rx.borrow_and_update().clone();
+                        if set.complete && set.indexes().collect::<Vec<_>>() == want {
+                            return set;
+                        }
+                        rx.changed().await.unwrap();
                     }
-                    rx.changed().await.unwrap();
-                }
-            })
-            .await
-            .unwrap_or_else(|_| panic!("healthy set never became {want:?}"))
-        }
-    };
+                })
+                .await
+                .unwrap_or_else(|_| panic!("healthy set never became {want:?}"))
+            }
+        };
     let set = wait_for(&mut healthy, vec![0, 1]).await;
-    assert_eq!(set.gateways[&1].public_ip.unwrap().to_string(), "198.51.100.2");
+    assert_eq!(
+        set.gateways[&1].public_ip.unwrap().to_string(),
+        "198.51.100.2"
+    );
 
     b.set("/v1/vpn/status", 200, r#"{"status":"crashed"}"#);
     let removed_at = tokio::time::Instant::now();
     wait_for(&mut healthy, vec![0]).await;
     let took = removed_at.elapsed();
     // fall = 2 checks at 50 ms: well under a second, and not on the first failure.
-    assert!(took >= Duration::from_millis(40) && took < Duration::from_secs(1), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(40) && took < Duration::from_secs(1),
+        "{took:?}"
+    );
     let s = status.borrow().clone();
     assert_eq!(s[1].state, GatewayState::Unhealthy);
     assert_eq!(s[1].last_reason_kind, Some("vpn_not_running"));
@@ -300,7 +380,10 @@ async fn checker_publishes_the_healthy_set() {
     b.set("/v1/vpn/status", 200, r#"{"status":"running"}"#);
     let back_at = tokio::time::Instant::now();
     wait_for(&mut healthy, vec![0, 1]).await;
-    assert!(back_at.elapsed() >= Duration::from_millis(90), "rise = 3 needs 3 good checks");
+    assert!(
+        back_at.elapsed() >= Duration::from_millis(90),
+        "rise = 3 needs 3 good checks"
+    );
     assert_eq!(status.borrow()[1].last_reason, None);
 
     let mut text = String::new();
