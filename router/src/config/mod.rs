@@ -23,6 +23,22 @@ use serde::Serialize;
 pub use error::{ConfigError, ConfigErrors, Location};
 pub use secret::{Secret, SecretSource};
 
+/// Every mapping of the config file and the keys it accepts, by path (`vrrp[]` is an item of
+/// the `vrrp` list, `""` the top level). Read from the same lists the parser checks keys
+/// against; the docs test uses it to prove every key is documented.
+pub fn key_sets() -> &'static [(&'static str, &'static [&'static str])] {
+    parse::KEY_SETS
+}
+
+/// Every key the config accepts, in any section (a key used in several sections is listed
+/// once per section).
+pub fn all_keys() -> Vec<&'static str> {
+    key_sets()
+        .iter()
+        .flat_map(|(_, keys)| keys.iter().copied())
+        .collect()
+}
+
 /// A loaded, valid config plus the warnings found while loading it.
 #[derive(Debug, Clone)]
 pub struct Loaded {

@@ -12,13 +12,102 @@ use super::reader::{Obj, Reader};
 use super::yaml::{Node, Value};
 use super::*;
 
-const TOP: &[&str] = &["api", "log", "vrrp", "gateways", "ingress", "ddns"];
+pub(crate) const TOP: &[&str] = &["api", "log", "vrrp", "gateways", "ingress", "ddns"];
+
+pub(crate) const API_KEYS: &[&str] = &["listen"];
+pub(crate) const LOG_KEYS: &[&str] = &["level", "format"];
+pub(crate) const VIRTUAL_IP_KEYS: &[&str] = &["address", "interface"];
+pub(crate) const TRACK_GATEWAYS_KEYS: &[&str] = &["min_healthy", "weight"];
+pub(crate) const HEALTH_KEYS: &[&str] = &[
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "control_server",
+    "health_server_port",
+    "checks",
+    "probe",
+];
+pub(crate) const CONTROL_SERVER_KEYS: &[&str] = &["port", "auth"];
+pub(crate) const AUTH_KEYS: &[&str] = &["basic", "api_key", "api_key_file"];
+pub(crate) const BASIC_AUTH_KEYS: &[&str] = &["username", "password", "password_file"];
+pub(crate) const PROBE_KEYS: &[&str] = &["target"];
+pub(crate) const EGRESS_KEYS: &[&str] = &[
+    "mode",
+    "table",
+    "rule_priority",
+    "destinations",
+    "exclude",
+    "exclude_reserved",
+    "hash_seed",
+    "when_none_healthy",
+];
+pub(crate) const RETURN_ROUTING_KEYS: &[&str] = &["mark_base", "table_base", "rule_priority_base"];
+pub(crate) const INGRESS_KEYS: &[&str] = &["sloppy_tcp", "virtual_servers"];
+pub(crate) const HEALTH_CHECK_KEYS: &[&str] = &[
+    "type",
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "path",
+    "expect_status",
+    "send",
+    "expect",
+    "query",
+];
+pub(crate) const DDNS_KEYS: &[&str] = &[
+    "hostname",
+    "ttl",
+    "only_when_master",
+    "max_records",
+    "provider",
+];
+pub(crate) const DDNS_PROVIDER_KEYS: &[&str] = &["rfc2136", "cloudflare", "dynu"];
+pub(crate) const RFC2136_KEYS: &[&str] = &[
+    "server",
+    "zone",
+    "key_name",
+    "key_algorithm",
+    "key_secret",
+    "key_secret_file",
+];
+pub(crate) const CLOUDFLARE_KEYS: &[&str] = &["zone_id", "api_token", "api_token_file"];
+pub(crate) const DYNU_KEYS: &[&str] = &["api_key", "api_key_file"];
+
+/// Every mapping of the config and the keys it accepts, by its path in the file (`[]` marks a
+/// list item; `""` is the top level). The same consts are what `Reader::object` checks against,
+/// so this list cannot drift from what is accepted.
+pub(crate) const KEY_SETS: &[(&str, &[&str])] = &[
+    ("", TOP),
+    ("api", API_KEYS),
+    ("log", LOG_KEYS),
+    ("vrrp[]", VRRP_KEYS),
+    ("vrrp[].virtual_ips[]", VIRTUAL_IP_KEYS),
+    ("vrrp[].track_gateways", TRACK_GATEWAYS_KEYS),
+    ("gateways", GATEWAY_KEYS),
+    ("gateways.health", HEALTH_KEYS),
+    ("gateways.health.control_server", CONTROL_SERVER_KEYS),
+    ("gateways.health.control_server.auth", AUTH_KEYS),
+    ("gateways.health.control_server.auth.basic", BASIC_AUTH_KEYS),
+    ("gateways.health.probe", PROBE_KEYS),
+    ("gateways.egress", EGRESS_KEYS),
+    ("gateways.return_routing", RETURN_ROUTING_KEYS),
+    ("ingress", INGRESS_KEYS),
+    ("ingress.virtual_servers[]", VS_KEYS),
+    ("ingress.virtual_servers[].health_check", HEALTH_CHECK_KEYS),
+    ("ddns", DDNS_KEYS),
+    ("ddns.provider", DDNS_PROVIDER_KEYS),
+    ("ddns.provider.rfc2136", RFC2136_KEYS),
+    ("ddns.provider.cloudflare", CLOUDFLARE_KEYS),
+    ("ddns.provider.dynu", DYNU_KEYS),
+];
 
 pub fn config(r: &mut Reader, root: &Node, base: &Path) -> Option<Config> {
     let top = r.object(root, "", TOP)?;
     let api = top
         .opt(r, "api", |r, n, p| {
-            let o = r.object(n, p, &["listen"])?;
+            let o = r.object(n, p, API_KEYS)?;
             Some(Api {
                 listen: o.or(r, "listen", Api::default().listen, Reader::socket_addr),
             })
@@ -44,7 +133,7 @@ pub fn config(r: &mut Reader, root: &Node, base: &Path) -> Option<Config> {
 }
 
 fn log(r: &mut Reader, n: &Node, p: &str) -> Option<Log> {
-    let o = r.object(n, p, &["level", "format"])?;
+    let o = r.object(n, p, LOG_KEYS)?;
     let d = Log::default();
     Some(Log {
         level: o.or(r, "level", d.level, |r, n, p| {
@@ -70,7 +159,7 @@ fn log(r: &mut Reader, n: &Node, p: &str) -> Option<Log> {
     })
 }
 
-const VRRP_KEYS: &[&str] = &[
+pub(crate) const VRRP_KEYS: &[&str] = &[
     "name",
     "interface",
     "vrid",
@@ -147,7 +236,7 @@ fn vrrp_instance(r: &mut Reader, n: &Node, p: &str) -> Option<VrrpInstance> {
     );
     let gateway_ingress_vips = o.or(r, "gateway_ingress_vips", false, Reader::bool);
     let track_gateways = o.opt(r, "track_gateways", |r, n, p| {
-        let t = r.object(n, p, &["min_healthy", "weight"])?;
+        let t = r.object(n, p, TRACK_GATEWAYS_KEYS)?;
         Some(TrackGateways {
             min_healthy: t.or(r, "min_healthy", 1, |r, n, p| r.u32(n, p, 1, 1024)),
             weight: t.or(r, "weight", -50, |r, n, p| {
@@ -227,7 +316,7 @@ fn virtual_ip(r: &mut Reader, n: &Node, p: &str, default_if: &str) -> Option<Vir
             interface: default_if.to_owned(),
         });
     }
-    let o = r.object(n, p, &["address", "interface"])?;
+    let o = r.object(n, p, VIRTUAL_IP_KEYS)?;
     let address = o.req(
         r,
         "address",
@@ -241,7 +330,7 @@ fn virtual_ip(r: &mut Reader, n: &Node, p: &str, default_if: &str) -> Option<Vir
     Some(VirtualIp { address, interface })
 }
 
-const GATEWAY_KEYS: &[&str] = &[
+pub(crate) const GATEWAY_KEYS: &[&str] = &[
     "interface",
     "addresses",
     "ingress_vip_start",
@@ -412,23 +501,10 @@ fn health_defaults(at: Location) -> Health {
 }
 
 fn health(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<Health> {
-    let o = r.object(
-        n,
-        p,
-        &[
-            "interval",
-            "timeout",
-            "rise",
-            "fall",
-            "control_server",
-            "health_server_port",
-            "checks",
-            "probe",
-        ],
-    )?;
+    let o = r.object(n, p, HEALTH_KEYS)?;
     let d = health_defaults(o.at);
     let control_server = o.opt(r, "control_server", |r, n, p| {
-        let c = r.object(n, p, &["port", "auth"])?;
+        let c = r.object(n, p, CONTROL_SERVER_KEYS)?;
         let port = c.or(r, "port", 8000, |r, n, p| r.u16(n, p, 1, 65535));
         let auth = match c.get("auth") {
             Some(a) => Some(control_auth(r, a, &c.child("auth"), base)?),
@@ -464,7 +540,7 @@ fn health(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<Health> {
             })
         }),
         probe: o.or(r, "probe", d.probe, |r, n, p| {
-            let pr = r.object(n, p, &["target"])?;
+            let pr = r.object(n, p, PROBE_KEYS)?;
             Some(Probe {
                 target: pr.or(
                     r,
@@ -487,18 +563,15 @@ fn positive_duration(r: &mut Reader, n: &Node, p: &str) -> Option<Duration> {
 }
 
 fn control_auth(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<ControlServerAuth> {
-    let o = r.object(n, p, &["basic", "api_key", "api_key_file"])?;
-    let kinds = ["basic", "api_key", "api_key_file"]
-        .iter()
-        .filter(|k| o.has(k))
-        .count();
+    let o = r.object(n, p, AUTH_KEYS)?;
+    let kinds = AUTH_KEYS.iter().filter(|k| o.has(k)).count();
     if kinds != 1 {
         r.error(o.at, format!("{p}: expected exactly one of `basic`, `api_key_file` (or `api_key: ${{ENV}}`); found {kinds}"));
         return None;
     }
     if let Some(b) = o.get("basic") {
         let bp = o.child("basic");
-        let bo = r.object(b, &bp, &["username", "password", "password_file"])?;
+        let bo = r.object(b, &bp, BASIC_AUTH_KEYS)?;
         let username = bo.req(
             r,
             "username",
@@ -575,20 +648,7 @@ fn egress_defaults(at: Location) -> Egress {
 }
 
 fn egress(r: &mut Reader, n: &Node, p: &str) -> Option<Egress> {
-    let o = r.object(
-        n,
-        p,
-        &[
-            "mode",
-            "table",
-            "rule_priority",
-            "destinations",
-            "exclude",
-            "exclude_reserved",
-            "hash_seed",
-            "when_none_healthy",
-        ],
-    )?;
+    let o = r.object(n, p, EGRESS_KEYS)?;
     let d = egress_defaults(o.at);
     let ipv4_cidrs = |r: &mut Reader, n: &Node, p: &str| {
         r.list(n, p, |r, n, p| match r.cidr(n, p)? {
@@ -661,7 +721,7 @@ fn return_routing_defaults(at: Location) -> ReturnRouting {
 }
 
 fn return_routing(r: &mut Reader, n: &Node, p: &str) -> Option<ReturnRouting> {
-    let o = r.object(n, p, &["mark_base", "table_base", "rule_priority_base"])?;
+    let o = r.object(n, p, RETURN_ROUTING_KEYS)?;
     let d = return_routing_defaults(o.at);
     Some(ReturnRouting {
         mark_base: o.or(r, "mark_base", d.mark_base, |r, n, p| {
@@ -674,7 +734,7 @@ fn return_routing(r: &mut Reader, n: &Node, p: &str) -> Option<ReturnRouting> {
 }
 
 fn ingress(r: &mut Reader, n: &Node, p: &str) -> Option<Ingress> {
-    let o = r.object(n, p, &["sloppy_tcp", "virtual_servers"])?;
+    let o = r.object(n, p, INGRESS_KEYS)?;
     let virtual_servers = o.or(r, "virtual_servers", Vec::new(), |r, n, p| {
         r.list(n, p, virtual_server)
     });
@@ -702,7 +762,7 @@ const SCHEDULERS: &[(&str, &str)] = &[
     ("twos", "twos"),
 ];
 
-const VS_KEYS: &[&str] = &[
+pub(crate) const VS_KEYS: &[&str] = &[
     "name",
     "port",
     "protocols",
@@ -847,22 +907,7 @@ fn real_server_check_defaults() -> RealServerCheck {
 }
 
 fn real_server_check(r: &mut Reader, n: &Node, p: &str) -> Option<RealServerCheck> {
-    let o = r.object(
-        n,
-        p,
-        &[
-            "type",
-            "interval",
-            "timeout",
-            "rise",
-            "fall",
-            "path",
-            "expect_status",
-            "send",
-            "expect",
-            "query",
-        ],
-    )?;
+    let o = r.object(n, p, HEALTH_CHECK_KEYS)?;
     #[derive(Clone, Copy, PartialEq)]
     enum T {
         Tcp,
@@ -938,17 +983,7 @@ fn real_server_check(r: &mut Reader, n: &Node, p: &str) -> Option<RealServerChec
 }
 
 fn ddns(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<Ddns> {
-    let o = r.object(
-        n,
-        p,
-        &[
-            "hostname",
-            "ttl",
-            "only_when_master",
-            "max_records",
-            "provider",
-        ],
-    )?;
+    let o = r.object(n, p, DDNS_KEYS)?;
     let hostname = o.req(r, "hostname", "the DNS name to keep updated, e.g. vpn.example.com", |r, n, p| {
         let h = r.string(n, p)?;
         if !is_dns_name(&h) {
@@ -991,9 +1026,10 @@ fn ddns(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<Ddns> {
 }
 
 fn ddns_provider(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<DdnsProvider> {
-    let o = r.object(n, p, &["rfc2136", "cloudflare", "dynu"])?;
-    let set: Vec<&str> = ["rfc2136", "cloudflare", "dynu"]
-        .into_iter()
+    let o = r.object(n, p, DDNS_PROVIDER_KEYS)?;
+    let set: Vec<&str> = DDNS_PROVIDER_KEYS
+        .iter()
+        .copied()
         .filter(|k| o.has(k))
         .collect();
     if set.len() != 1 {
@@ -1011,18 +1047,7 @@ fn ddns_provider(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<DdnsP
     let pp = o.child(key);
     match key {
         "rfc2136" => {
-            let q = r.object(
-                node,
-                &pp,
-                &[
-                    "server",
-                    "zone",
-                    "key_name",
-                    "key_algorithm",
-                    "key_secret",
-                    "key_secret_file",
-                ],
-            )?;
+            let q = r.object(node, &pp, RFC2136_KEYS)?;
             let server = q.req(
                 r,
                 "server",
@@ -1073,7 +1098,7 @@ fn ddns_provider(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<DdnsP
             })
         }
         "cloudflare" => {
-            let q = r.object(node, &pp, &["zone_id", "api_token", "api_token_file"])?;
+            let q = r.object(node, &pp, CLOUDFLARE_KEYS)?;
             let zone_id = q.req(r, "zone_id", "the Cloudflare zone id", Reader::string);
             let api_token = secret(r, &q, "api_token", base);
             Some(DdnsProvider::Cloudflare {
@@ -1082,7 +1107,7 @@ fn ddns_provider(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<DdnsP
             })
         }
         _ => {
-            let q = r.object(node, &pp, &["api_key", "api_key_file"])?;
+            let q = r.object(node, &pp, DYNU_KEYS)?;
             let api_key = secret(r, &q, "api_key", base);
             Some(DdnsProvider::Dynu { api_key: api_key? })
         }
