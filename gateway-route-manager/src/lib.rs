@@ -22,3 +22,22 @@ pub use error::{CheckError, FailureReason};
 pub use health::{GatewayStatus, HealthChecker, HealthSettings, HealthyGateways};
 pub use metrics::Metrics;
 pub use netlink::{GroupType, Nexthop, NexthopKind, Route, RouteTarget, Rule, RuleTarget};
+
+#[cfg(test)]
+mod tests {
+    /// The lead spawns these on a multi-thread runtime: they must be `Send`.
+    #[allow(dead_code)]
+    fn futures_are_send(
+        checker: crate::HealthChecker,
+        egress: crate::EgressManager,
+        healthy: tokio::sync::watch::Receiver<crate::HealthyGateways>,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        fn send<T: Send>(_: T) {}
+        send(checker.run(cancel.clone()));
+        let mut egress = egress;
+        let set = crate::HealthyGateways::default();
+        send(egress.reconcile(&set));
+        send(egress.run(healthy, cancel));
+    }
+}

@@ -603,3 +603,62 @@ fn probe_leaves_through_its_own_gateway() {
         .iter()
         .any(|x| x["priority"] == 1000 && x["fwmark"] == "0x1900" && x["table"] == "50"));
 }
+
+/// The supervisor's view: `run` installs the kill switch at once, waits for a complete healthy
+/// set, follows changes, repairs a hand edit at the next resync and stops on cancel, leaving
+/// the kernel as it is.
+#[test]
+fn run_loop_bootstraps_follows_and_resyncs() {
+    let ns = router("run");
+    let name = ns.name.clone();
+    let s = EgressSettings {
+        resync_interval: Duration::from_millis(100),
+        ..settings()
+    };
+    ns.run(move || async move {
+        let ns = Netns { name };
+        let (tx, rx) = tokio::sync::watch::channel(HealthyGateways::default());
+        let m = EgressManager::new(s, Metrics::new()).unwrap();
+        let mut ready = m.first_reconcile_done();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(m.run(rx, cancel.clone()));
+
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let routes = table(&ns, "180");
+        assert_eq!(
+            routes.len(),
+            1,
+            "kill switch only before the first healthy set: {routes:?}"
+        );
+        assert_eq!(routes[0]["type"], "blackhole");
+        assert!(ns
+            .json(&["rule", "show"])
+            .iter()
+            .any(|r| r["priority"] == 10888));
+        assert!(!*ready.borrow(), "not ready before the first reconcile");
+
+        tx.send(healthy(&[0, 1])).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), ready.wait_for(|r| *r))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(group_members(&ns, 2056), Some(vec![1800, 1801]));
+
+        ns.ip(&["route", "del", "default", "table", "180", "metric", "0"]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            table(&ns, "180").iter().any(|r| r["nhid"] == 2056),
+            "resync repaired the route"
+        );
+
+        tx.send(healthy(&[])).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(group_members(&ns, 2056), None);
+
+        cancel.cancel();
+        task.await.unwrap();
+        let routes = table(&ns, "180");
+        assert_eq!(routes.len(), 1, "state kept on shutdown: {routes:?}");
+        std::mem::forget(ns);
+    });
+}

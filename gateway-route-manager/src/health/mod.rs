@@ -218,7 +218,12 @@ impl HealthChecker {
                 .set(0);
         }
         metrics.gateways_healthy.set(0);
-        let (healthy_tx, healthy_rx) = watch::channel(HealthyGateways::default());
+        // With no gateway configured the (empty) set is complete from the start.
+        let initial = HealthyGateways {
+            complete: settings.gateways.is_empty(),
+            ..Default::default()
+        };
+        let (healthy_tx, healthy_rx) = watch::channel(initial);
         let (status_tx, _) = watch::channel(status);
         let checker = HealthChecker {
             settings: Arc::new(settings),

@@ -204,7 +204,7 @@ impl RouteSocket {
         &self,
         message: RtnlMessage,
         flags: u16,
-        what: &dyn Fn() -> String,
+        what: &(dyn Fn() -> String + Send + Sync),
     ) -> Result<Vec<RtnlMessage>, NetlinkError> {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
