@@ -19,7 +19,10 @@ use gateway_route_manager::egress::{
     apply_sysctls, desired_sysctls, EgressManager, EgressMode, EgressSettings, NoneHealthy,
     ProbeRouting, ResilientSettings,
 };
-use gateway_route_manager::health::{probe_through, HealthyGateway};
+use gateway_route_manager::health::{
+    probe_through, CheckKind, GatewayState, HealthChecker, HealthSettings, HealthyGateway,
+    ProbeSettings,
+};
 use gateway_route_manager::{HealthyGateways, Metrics};
 use serde_json::Value;
 
@@ -238,9 +241,23 @@ fn plan_applies_and_second_pass_is_a_no_op() {
     let report = {
         let s = settings();
         ns.run(move || async move {
-            let mut m = EgressManager::new(s, Metrics::new()).unwrap();
+            let metrics = Metrics::new();
+            let mut m = EgressManager::new(s, metrics.clone()).unwrap();
             let first = m.reconcile(&healthy(&[0, 2])).await.unwrap();
             let second = m.reconcile(&healthy(&[0, 2])).await.unwrap();
+            let counted: u64 = ["nexthop", "route", "rule"]
+                .iter()
+                .map(|o| {
+                    let labels = gateway_route_manager::metrics::ObjectLabels {
+                        object: (*o).into(),
+                    };
+                    metrics.egress_changes.get_or_create(&labels).get()
+                })
+                .sum();
+            assert_eq!(
+                counted, first.writes as u64,
+                "route changes metric counts every write"
+            );
             (first, second)
         })
     };
@@ -581,16 +598,47 @@ fn probe_leaves_through_its_own_gateway() {
         }),
         ..Default::default()
     };
-    let (through_0, through_1, unmarked) = r.run(move || async move {
+    let (through_0, through_1, unmarked, status) = r.run(move || async move {
         let mut m = EgressManager::new(s, Metrics::new()).unwrap();
         m.reconcile(&healthy(&[])).await.unwrap();
         let t = Duration::from_millis(500);
-        (
+        let probes = (
             probe_through(target, 0x1900, t).await,
             probe_through(target, 0x1901, t).await,
             probe_through(target, 0, t).await,
-        )
+        );
+        // The health checker with only the probe check: gateway 0 healthy, gateway 1 not.
+        let settings = HealthSettings {
+            gateways: vec![gw(0), gw(1)],
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(300),
+            checks: vec![CheckKind::Probe],
+            probe: Some(ProbeSettings {
+                target,
+                mark_base: 0x1900,
+            }),
+            fetch_forwarded_ports: false,
+            ..Default::default()
+        };
+        let (checker, mut set) = HealthChecker::new(settings, Metrics::new()).unwrap();
+        let status = checker.status();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(checker.run(cancel.clone()));
+        let set = tokio::time::timeout(Duration::from_secs(3), set.wait_for(|s| s.complete))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone();
+        assert_eq!(set.indexes().collect::<Vec<_>>(), vec![0]);
+        cancel.cancel();
+        task.await.unwrap();
+        let status = status.borrow().clone();
+        (probes.0, probes.1, probes.2, status)
     });
+    assert_eq!(status[0].state, GatewayState::Healthy);
+    assert!(status[0].probe_rtt_seconds.is_some());
+    assert_eq!(status[1].state, GatewayState::Unhealthy);
+    assert_eq!(status[1].last_reason_kind, Some("probe_failed"));
     drop(listener);
     let rtt = through_0.expect("probe through gateway 0 reaches the target");
     assert!(rtt < Duration::from_millis(500));
