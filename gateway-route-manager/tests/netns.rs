@@ -710,3 +710,105 @@ fn run_loop_bootstraps_follows_and_resyncs() {
         std::mem::forget(ns);
     });
 }
+
+/// Which gateway each of `flows` (client source port) is routed to, via `ip -batch` lookups.
+fn gateway_per_flow(ns: &Netns, flows: &[u16]) -> Vec<String> {
+    use std::io::Write as _;
+    let script: String = flows
+        .iter()
+        .map(|sport| {
+            format!(
+                "route get 8.8.8.8 from 192.168.24.5 iif gwnet ipproto tcp sport {sport} dport 443\n"
+            )
+        })
+        .collect();
+    let mut child = Command::new("ip")
+        .args(["-n", &ns.name, "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let via: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(" via ").nth(1))
+        .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
+        .collect();
+    assert_eq!(via.len(), flows.len());
+    via
+}
+
+/// Baseline for the flow-stable issue: of 400 flows over 4 gateways, how many keep their
+/// gateway when one gateway dies (route lookups with the L4 hash; no traffic).
+#[test]
+fn flows_kept_when_one_of_four_gateways_dies() {
+    let flows: Vec<u16> = (0..400).map(|i| 20000 + i * 7).collect();
+    let mut kept_by_mode = Vec::new();
+    for (tag, mode) in [
+        ("flows-hash", EgressMode::Ecmp),
+        (
+            "flows-res",
+            EgressMode::EcmpResilient(ResilientSettings::default()),
+        ),
+    ] {
+        let ns = router(tag);
+        ns.sysctl("net.ipv4.fib_multipath_hash_policy", "1");
+        let s = EgressSettings {
+            mode,
+            gateways: (0..4).map(gw).collect(),
+            ..settings()
+        };
+        let s2 = s.clone();
+        ns.run(move || async move {
+            EgressManager::new(s, Metrics::new())
+                .unwrap()
+                .reconcile(&healthy(&[0, 1, 2, 3]))
+                .await
+                .unwrap()
+        });
+        let before = gateway_per_flow(&ns, &flows);
+        let used: std::collections::BTreeSet<_> = before.iter().collect();
+        assert_eq!(used.len(), 4, "{tag}: all 4 gateways carry flows");
+        ns.run(move || async move {
+            EgressManager::new(s2, Metrics::new())
+                .unwrap()
+                .reconcile(&healthy(&[0, 2, 3]))
+                .await
+                .unwrap()
+        });
+        let after = gateway_per_flow(&ns, &flows);
+        let dead = gw(1).to_string();
+        let possible = before.iter().filter(|g| **g != dead).count();
+        let kept = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| **b != dead && b == a)
+            .count();
+        assert!(
+            after.iter().all(|g| *g != dead),
+            "{tag}: nothing goes to the dead gateway"
+        );
+        println!(
+            "{tag}: {kept} of {} flows kept their gateway ({possible} possible)",
+            flows.len()
+        );
+        kept_by_mode.push((kept, possible));
+    }
+    let (hash_kept, hash_possible) = kept_by_mode[0];
+    let (res_kept, res_possible) = kept_by_mode[1];
+    assert_eq!(
+        res_kept, res_possible,
+        "resilient group keeps every flow not on the dead gateway"
+    );
+    assert!(
+        hash_kept < hash_possible,
+        "hash-threshold moves some surviving flows"
+    );
+}
