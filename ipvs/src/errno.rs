@@ -6,7 +6,7 @@
 const TABLE: &[(i32, &str, &str)] = &[
     (1, "EPERM", "Operation not permitted (needs CAP_NET_ADMIN)"),
     (2, "ENOENT", "No such file or directory"),
-    (3, "ESRCH", "No such process (no such service)"),
+    (3, "ESRCH", "No such service"),
     (7, "E2BIG", "Argument list too long"),
     (12, "ENOMEM", "Cannot allocate memory"),
     (13, "EACCES", "Permission denied"),
@@ -57,7 +57,7 @@ mod tests {
     #[test]
     fn describes_known_and_unknown() {
         assert_eq!(describe(17), "File exists (EEXIST)");
-        assert_eq!(describe(3), "No such process (no such service) (ESRCH)");
+        assert_eq!(describe(3), "No such service (ESRCH)");
         assert_eq!(describe(4242), "errno 4242");
         assert_eq!(name(2), Some("ENOENT"));
     }
