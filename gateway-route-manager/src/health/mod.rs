@@ -365,12 +365,15 @@ impl HealthChecker {
                 )
             })
             .collect();
-        let count = healthy.len();
+        // Metrics first: a consumer woken by the channel must see them up to date.
+        self.metrics
+            .gateways_healthy
+            .set(i64::try_from(healthy.len()).unwrap_or(i64::MAX));
         let next = HealthyGateways {
             complete,
             gateways: healthy,
         };
-        let changed = self.healthy_tx.send_if_modified(|current| {
+        self.healthy_tx.send_if_modified(|current| {
             if *current == next {
                 false
             } else {
@@ -378,11 +381,6 @@ impl HealthChecker {
                 true
             }
         });
-        if changed {
-            self.metrics
-                .gateways_healthy
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
-        }
     }
 }
 
