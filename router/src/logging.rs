@@ -19,7 +19,11 @@ fn filter(log: &Log) -> EnvFilter {
 pub fn init(log: &Log) -> LevelHandle {
     let (filter_layer, handle) = reload::Layer::new(filter(log));
     let registry = tracing_subscriber::registry().with(filter_layer);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal; files and `kubectl logs` get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     // A second init (tests) is not an error worth failing over.
     let _ = match log.format {
         LogFormat::Text => registry.with(fmt.with_target(false)).try_init(),

@@ -73,11 +73,17 @@ pub fn load_str(path: &Path, text: &str) -> Result<Loaded, ConfigErrors> {
 }
 
 /// A value and the place in the file it came from, for errors found after parsing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct At<T> {
     pub value: T,
-    #[serde(skip)]
     pub at: Location,
+}
+
+/// Shown as the bare value: the location is for error messages, not for /status.
+impl<T: Serialize> Serialize for At<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value.serialize(s)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

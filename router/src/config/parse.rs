@@ -120,6 +120,17 @@ pub fn config(r: &mut Reader, root: &Node, base: &Path) -> Option<Config> {
     let gateways = top.opt(r, "gateways", |r, n, p| gateways(r, n, p, base));
     let ingress = top.opt(r, "ingress", ingress);
     let ddns = top.opt(r, "ddns", |r, n, p| ddns(r, n, p, base));
+    // A section that is present but failed to parse has its errors reported already; the
+    // cross-field rules must not also call it "missing".
+    for (key, parsed) in [
+        ("gateways", gateways.is_some()),
+        ("ingress", ingress.is_some()),
+        ("ddns", ddns.is_some()),
+    ] {
+        if top.has(key) && !parsed {
+            r.broken_sections.push(key);
+        }
+    }
     let vrrp_at = top.get("vrrp").map_or(top.at, |n| n.at);
     Some(Config {
         vrrp_at,
@@ -199,15 +210,15 @@ fn vrrp_instance(r: &mut Reader, n: &Node, p: &str) -> Option<VrrpInstance> {
         r.choice(n, p, &[("3", VrrpVersion::V3), ("2", VrrpVersion::V2)])
     });
     let priority = o.or(r, "priority", 100, |r, n, p| r.u8(n, p, 1, 255));
-    let advert_interval = o.or(
-        r,
-        "advert_interval",
-        Duration::from_millis(100),
-        |r, n, p| {
-            let d = r.duration(n, p)?;
-            advert_interval_ok(r, n, p, d, version)
-        },
-    );
+    // VRRPv2 cannot carry less than a second (RFC 3768 §5.3.7): its default is the RFC's 1s.
+    let default_interval = match version {
+        VrrpVersion::V3 => Duration::from_millis(100),
+        VrrpVersion::V2 => Duration::from_secs(1),
+    };
+    let advert_interval = o.or(r, "advert_interval", default_interval, |r, n, p| {
+        let d = r.duration(n, p)?;
+        advert_interval_ok(r, n, p, d, version)
+    });
     let preempt = o.or(r, "preempt", true, Reader::bool);
     let preempt_delay = o.or(r, "preempt_delay", Duration::ZERO, |r, n, p| {
         let d = r.duration(n, p)?;

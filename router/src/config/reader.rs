@@ -15,6 +15,8 @@ use super::yaml::{Node, Value};
 pub struct Reader {
     pub errors: Vec<ConfigError>,
     pub warnings: Vec<ConfigError>,
+    /// Top-level sections that are present but did not parse.
+    pub broken_sections: Vec<&'static str>,
 }
 
 /// A mapping whose keys were checked against the allowed set.

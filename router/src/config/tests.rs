@@ -180,6 +180,23 @@ fn broken_configs_report_position_and_expectation() {
 }
 
 #[test]
+fn vrrp_v2_defaults_to_a_one_second_interval() {
+    let c = load_text("vrrp:\n  - { name: r, interface: eth0, vrid: 1, version: 2, virtual_ips: [10.1.1.1/24] }\n").unwrap().config;
+    assert_eq!(c.vrrp[0].advert_interval, Duration::from_secs(1));
+}
+
+#[test]
+fn a_broken_section_is_not_also_reported_as_missing() {
+    let text = "vrrp:\n  - { name: r, interface: eth0, vrid: 1, virtual_ips: [10.1.1.1/24], track_gateways: {} }\ngateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  health:\n    control_server:\n      auth: { api_key_file: /nonexistent/key }\n";
+    let lines = load_text(text).unwrap_err().lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("cannot read secret file /nonexistent/key"),
+        "{lines:#?}"
+    );
+}
+
+#[test]
 fn several_errors_are_reported_at_once() {
     let text = "vrrp:\n  - name: r\n    interface: eth0\n    vrid: 300\n    priority: 0\n    colour: blue\n    virtual_ips: [10.1.1.1/24]\n";
     let errs = load_text(text).unwrap_err();

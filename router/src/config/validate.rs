@@ -9,6 +9,11 @@ use super::reader::Reader;
 use super::*;
 
 pub fn config(r: &mut Reader, c: &Config) {
+    // With a broken section, rules that look across sections would report its absence as a
+    // second, misleading error: check each section alone instead.
+    if !r.broken_sections.is_empty() {
+        return;
+    }
     vrrp(r, c);
     if let Some(g) = &c.gateways {
         gateways(r, c, g);
