@@ -245,8 +245,12 @@ impl HealthChecker {
         self.healthy_tx.subscribe()
     }
 
-    /// Checks until `cancel` fires.
+    /// Checks until `cancel` fires (with no gateway configured: just waits for `cancel`).
     pub async fn run(self, cancel: CancellationToken) {
+        if self.settings.gateways.is_empty() {
+            cancel.cancelled().await;
+            return;
+        }
         let (tx, mut rx) = mpsc::channel::<RoundResult>(self.settings.gateways.len().max(1));
         let mut loops = JoinSet::new();
         let start = Instant::now();
