@@ -267,7 +267,7 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
     let family = config.validate()?;
     let name = config.name.clone();
     let vip_addrs: Vec<IpAddr> = config.virtual_ips.iter().map(|v| v.addr).collect();
-    let socket = VrrpSocket::open(&SocketParams {
+    let mut socket = VrrpSocket::open(&SocketParams {
         interface: config.interface.clone(),
         family,
         unicast_peers: config.unicast_peers.clone(),
@@ -286,6 +286,16 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
         .await
         .map_err(vip_err)?;
     let vips_present = vips.any_present().await.map_err(vip_err)?;
+    if config.vmac && config.unicast_peers.is_empty() {
+        if let Some(vmac_if) = vips.vmac_on(&config.interface) {
+            socket
+                .add_vmac_receiver(&vmac_if)
+                .map_err(|source| InstanceError::Network {
+                    instance: name.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+    }
 
     let metrics = handles.metrics.clone();
     metrics.init_instance(&name);

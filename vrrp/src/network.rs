@@ -82,6 +82,9 @@ pub struct Received {
 #[derive(Debug)]
 pub struct VrrpSocket {
     fd: AsyncFd<Socket>,
+    /// Receive-only socket on our VMAC when it sits on the advert interface, see
+    /// `add_vmac_receiver`.
+    vmac_rx: Option<AsyncFd<Socket>>,
     interface: String,
     ifindex: u32,
     family: Family,
@@ -248,12 +251,60 @@ impl VrrpSocket {
         let fd = register(socket).map_err(sock_err(iface, "register with tokio"))?;
         Ok(VrrpSocket {
             fd,
+            vmac_rx: None,
             interface: iface.to_string(),
             ifindex: index,
             family: params.family,
             source,
             destinations,
         })
+    }
+
+    /// Also receives on our VMAC interface `vmac_if` (a macvlan on the advert interface).
+    ///
+    /// Needed for peers that send adverts from the VMAC, as keepalived does: the macvlan
+    /// driver treats a multicast frame whose *source* MAC is one of its own private-mode
+    /// macvlans' MAC as looped back and hands it to that macvlan only, so a socket bound to
+    /// the parent never sees it. Unicast frames are not affected.
+    pub fn add_vmac_receiver(&mut self, vmac_if: &str) -> Result<(), NetworkError> {
+        let index = ifindex(vmac_if)?;
+        let domain = match self.family {
+            Family::V4 => Domain::IPV4,
+            Family::V6 => Domain::IPV6,
+        };
+        let socket = Socket::new(
+            domain,
+            Type::RAW.nonblocking().cloexec(),
+            Some(Protocol::from(i32::from(IPPROTO_VRRP))),
+        )
+        .map_err(sock_err(vmac_if, "socket(IPPROTO_VRRP)"))?;
+        socket
+            .bind_device(Some(vmac_if.as_bytes()))
+            .map_err(sock_err(vmac_if, "SO_BINDTODEVICE"))?;
+        match self.family {
+            Family::V4 => {
+                socket
+                    .set_multicast_all_v4(false)
+                    .map_err(sock_err(vmac_if, "IP_MULTICAST_ALL"))?;
+                socket
+                    .join_multicast_v4_n(&MULTICAST_V4, &InterfaceIndexOrAddress::Index(index))
+                    .map_err(sock_err(vmac_if, "IP_ADD_MEMBERSHIP 224.0.0.18"))?;
+            }
+            Family::V6 => {
+                socket
+                    .set_multicast_all_v6(false)
+                    .map_err(sock_err(vmac_if, "IPV6_MULTICAST_ALL"))?;
+                setsockopt(&socket, sockopt::Ipv6RecvHopLimit, &true)
+                    .map_err(|e| sock_err(vmac_if, "IPV6_RECVHOPLIMIT")(e.into()))?;
+                setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)
+                    .map_err(|e| sock_err(vmac_if, "IPV6_RECVPKTINFO")(e.into()))?;
+                socket
+                    .join_multicast_v6(&MULTICAST_V6, index)
+                    .map_err(sock_err(vmac_if, "IPV6_JOIN_GROUP ff02::12"))?;
+            }
+        }
+        self.vmac_rx = Some(register(socket).map_err(sock_err(vmac_if, "register with tokio"))?);
+        Ok(())
     }
 
     /// Our source address in adverts (the interface's primary address).
@@ -337,11 +388,14 @@ impl VrrpSocket {
     /// skipped; everything else is reported, valid or not, for the decoder to judge.
     pub async fn recv(&self, buf: &mut [u8]) -> Result<Received, NetworkError> {
         loop {
-            let mut guard = self
-                .fd
-                .readable()
-                .await
-                .map_err(sock_err(&self.interface, "poll readable"))?;
+            let ready = match &self.vmac_rx {
+                None => self.fd.readable().await,
+                Some(vmac) => tokio::select! {
+                    g = self.fd.readable() => g,
+                    g = vmac.readable() => g,
+                },
+            };
+            let mut guard = ready.map_err(sock_err(&self.interface, "poll readable"))?;
             let res = guard.try_io(|fd| self.recv_now(fd.get_ref(), buf));
             match res {
                 Ok(Ok(Some(r))) => return Ok(r),

@@ -628,6 +628,29 @@ mod tests {
         assert!(decode(&short, &m, &c, Some(1)).is_ok());
     }
 
+    /// An advert captured with tcpdump from keepalived 2.2.7 (vrrp_version 3, advert_int 0.1,
+    /// priority 100, VRID 51, 192.168.28.2 -> 224.0.0.18): our checksum agrees with its
+    /// pseudo-header default.
+    #[test]
+    fn decodes_keepalived_capture() {
+        let bytes = hex("3133 6401 000a cfe0 c0a8 1cfe");
+        let adv = decode(
+            &bytes,
+            &meta4(255),
+            &ctx(Version::V3, Family::V4, ChecksumMode::PseudoHeader),
+            None,
+        )
+        .unwrap();
+        assert_eq!(adv.priority, 100);
+        assert_eq!(adv.interval(), Duration::from_millis(100));
+        let m = meta4(255);
+        assert_eq!(
+            adv.encode(m.src, m.dst, ChecksumMode::PseudoHeader)
+                .unwrap(),
+            bytes
+        );
+    }
+
     #[test]
     fn v2_rejects_authentication() {
         let mut bytes = hex(V2_V4);

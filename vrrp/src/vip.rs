@@ -95,7 +95,10 @@ fn read_sysctl(path: &str) -> Option<String> {
 /// addresses (arp_ignore=1), accept packets from local addresses (accept_local=1), no
 /// reverse-path filter (traffic to the VIP arrives on the macvlan while routes point at the
 /// parent), keep secondaries when the primary goes (promote_secondaries=1); on the parent
-/// never answer ARP for addresses that live on the macvlan (arp_ignore=1, arp_filter=1).
+/// never answer ARP for addresses that live on the macvlan (arp_ignore=1, arp_filter=1), and
+/// never use a VIP as sender of its own ARP requests (arp_announce=2): a request "who has
+/// client? tell VIP" from the parent's MAC would repoint the client's VIP entry away from the
+/// VMAC.
 /// Plus: no IPv6 on an IPv4 VMAC, so a backup never sends from the shared MAC.
 pub fn set_vmac_sysctls(vmac_if: &str, parent: &str, family: Family) -> Result<(), VipError> {
     let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
@@ -109,7 +112,11 @@ pub fn set_vmac_sysctls(vmac_if: &str, parent: &str, family: Family) -> Result<(
             ] {
                 write_sysctl(&format!("net/ipv4/conf/{vmac_if}/{k}"), v)?;
             }
-            for (k, v) in [("arp_ignore", "1"), ("arp_filter", "1")] {
+            for (k, v) in [
+                ("arp_ignore", "1"),
+                ("arp_filter", "1"),
+                ("arp_announce", "2"),
+            ] {
                 write_sysctl(&format!("net/ipv4/conf/{parent}/{k}"), v)?;
             }
             if ipv6 {
@@ -298,6 +305,17 @@ impl VipSet {
             self.nl.del_link(g.target_index, &g.target_name).await?;
         }
         Ok(())
+    }
+
+    /// Our VMAC interface on `parent`, if VMACs are in use there.
+    pub fn vmac_on(&self, parent: &str) -> Option<String> {
+        if !self.vmac {
+            return None;
+        }
+        self.groups
+            .iter()
+            .find(|g| g.parent == parent)
+            .map(|g| g.target_name.clone())
     }
 
     /// The MAC the VIPs answer with, per interface (for tests and status).
