@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod engines;
 pub mod logging;
 pub mod metrics;
 pub mod status;

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
 use crate::config::{self, Config, Loaded};
+use crate::engines::Engines;
 use crate::logging::LevelHandle;
 use crate::metrics::{DaemonMetrics, ReloadLabels};
 use crate::status::{ComponentState, ComponentStatus, StatusBoard};
@@ -47,6 +48,8 @@ pub struct Supervisor {
     metrics: Arc<DaemonMetrics>,
     level: Option<LevelHandle>,
     sysctl_root: PathBuf,
+    engines: Engines,
+    shutdown: CancellationToken,
 }
 
 /// Where the kernel's sysctls live; tests point this at a scratch directory.
@@ -76,6 +79,8 @@ impl Supervisor {
         let board = StatusBoard::new(path.display().to_string(), now);
         let config = Arc::new(loaded.config);
         let (config_tx, _) = watch::channel(config.clone());
+        let shutdown = CancellationToken::new();
+        let engines = Engines::new(board.clone(), registry, shutdown.clone());
         let s = Self {
             path: path.to_path_buf(),
             config,
@@ -84,6 +89,8 @@ impl Supervisor {
             metrics,
             level,
             sysctl_root: sysctl_root.to_path_buf(),
+            engines,
+            shutdown,
         };
         s.publish_components();
         Ok(s)
@@ -176,6 +183,7 @@ impl Supervisor {
                     level.set(&new.log);
                 }
                 self.config = new.clone();
+                self.engines.apply(&new);
                 self.config_tx.send_replace(new);
                 self.publish_components();
                 let now = unix_now();
@@ -197,7 +205,7 @@ impl Supervisor {
 
     /// Runs until SIGTERM or SIGINT: serves the api and handles SIGHUP reloads.
     pub async fn run(mut self, registry: Registry) -> Result<(), StartError> {
-        let shutdown = CancellationToken::new();
+        let shutdown = self.shutdown.clone();
         let listen: SocketAddr = self.config.api.listen;
         let listener = api::bind(listen).await.map_err(StartError::Api)?;
         let state = Arc::new(ApiState {
@@ -205,6 +213,8 @@ impl Supervisor {
             board: self.board.clone(),
         });
         let api_task = tokio::spawn(api::serve(listener, state, shutdown.clone()));
+        let config = self.config.clone();
+        self.engines.apply(&config);
         tracing::info!(api = %listen, config = %self.path.display(), "vpn-router running");
 
         let mut hup = signal(SignalKind::hangup()).map_err(StartError::Api)?;
