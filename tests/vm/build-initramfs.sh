@@ -30,6 +30,10 @@ AUTOLOAD_DIRS=(
 )
 # Single extra modules copied for autoloading (links a namespace test may create).
 AUTOLOAD_MODULES=(veth macvlan ipvlan dummy tun ifb vxlan)
+# Module options (modprobe.d syntax), used at boot and by autoloading: no devices that the tests
+# did not ask for (dummy would create dummy0, ifb ifb0/ifb1).
+MODULE_OPTIONS='options dummy numdummies=0
+options ifb numifbs=0'
 
 die() { echo "build-initramfs: error: $*" >&2; exit 1; }
 log() { echo "build-initramfs: $*" >&2; }
@@ -155,7 +159,16 @@ done
 sed -i 's/\.ko\.xz$/.ko/' "$stage/lib/modules/$KVER/modules.order"
 depmod -b "$stage" "$KVER" || die "depmod on the initramfs module tree failed"
 
-printf '%s\n' "${load_order[@]%.xz}" >"$stage/etc/vm-modules.load"
+mkdir -p "$stage/etc/modprobe.d"
+echo "$MODULE_OPTIONS" >"$stage/etc/modprobe.d/vm.conf"
+# One line per module to insmod at boot: path, name as in /sys/module, options.
+for rel in "${load_order[@]}"; do
+    rel=${rel%.xz}
+    name=$(basename "$rel" .ko)
+    name=${name//-/_}
+    opts=$(sed -n "s/^options $name //p" <<<"$MODULE_OPTIONS")
+    echo "$rel $name $opts"
+done >"$stage/etc/vm-modules.load"
 printf '%s\n' "${required[@]}" >"$stage/etc/vm-modules.required"
 log "$n modules ($(du -sh "$stage/lib/modules" | cut -f1) uncompressed), ${#load_order[@]} loaded at boot"
 
