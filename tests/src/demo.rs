@@ -233,7 +233,9 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
                 Duration::from_millis(10),
                 Duration::from_secs(3),
                 Duration::from_millis(500),
-                || lab.router(k).kill9(),
+                || {
+                    let _ = lab.router(k).kill_pod();
+                },
             )?;
             let new = master(&lab);
             println!(
@@ -368,19 +370,44 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
 
     // 6. DNS.
     heading(6, "the DNS record set");
-    match lab.dns_a_records(topo::DDNS_HOSTNAME) {
-        Ok(v) if v.is_empty() => println!(
+    let expected: Vec<Ipv4Addr> = lab.gateways().iter().map(|g| g.public_ip()).collect();
+    let ddns_built = built(&states, "ddns");
+    let mut records = lab.dns_a_records(topo::DDNS_HOSTNAME);
+    if ddns_built {
+        // Gateway 1 was repaired a moment ago; DDNS has a couple of seconds to catch up.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && !matches!(&records, Ok(v) if *v == expected) {
+            std::thread::sleep(Duration::from_millis(200));
+            records = lab.dns_a_records(topo::DDNS_HOSTNAME);
+        }
+    }
+    let list = |v: &[Ipv4Addr]| {
+        v.iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match records {
+        Ok(v) if v.is_empty() && !ddns_built => println!(
             "  {} has no A records on the lab's BIND: not built yet: DDNS (issue 10)",
             topo::DDNS_HOSTNAME
         ),
-        Ok(v) => println!(
-            "  {} A {}",
-            topo::DDNS_HOSTNAME,
-            v.iter()
-                .map(|a| a.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Ok(v) => {
+            println!(
+                "  {} A {}",
+                topo::DDNS_HOSTNAME,
+                if v.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    list(&v)
+                }
+            );
+            println!(
+                "  healthy gateways' exit IPs: {} — {}",
+                list(&expected),
+                if v == expected { "match" } else { "MISMATCH" }
+            );
+        }
         Err(e) => println!("  dig failed: {e}"),
     }
 

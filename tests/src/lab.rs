@@ -416,6 +416,25 @@ impl RouterNode {
         }
     }
 
+    /// The router pod dies: kill -9 of the daemon and every cable unplugged, so the kernel
+    /// state it leaves behind (VIPs, routes) cannot answer anything — what a deleted or
+    /// crashed pod looks like to the rest of the network. Undo with `revive_pod`.
+    pub fn kill_pod(&self) -> Result<(), LabError> {
+        self.kill9();
+        for l in [RouterLink::Gateway, RouterLink::Vrrp, RouterLink::Pod] {
+            self.cut_link(l)?;
+        }
+        Ok(())
+    }
+
+    /// Plugs the cables back in and starts the daemon again.
+    pub fn revive_pod(&self) -> Result<(), LabError> {
+        for l in [RouterLink::Gateway, RouterLink::Vrrp, RouterLink::Pod] {
+            self.restore_link(l)?;
+        }
+        self.restart()
+    }
+
     /// SIGTERM: graceful handover; waits up to `wait` for the exit.
     pub fn sigterm(&self, wait: Duration) -> Option<String> {
         {
