@@ -1,6 +1,9 @@
 //! `make demo`: builds the lab and walks through what vpn-router does, printing what was
 //! measured. Every scene observes the data plane or the kernel; a scene whose feature is not
 //! built yet says so ("not built yet: ...") instead of showing anything made up.
+//!
+//! `tour` runs the scenes on a lab someone else built and returns the numbers it printed, so
+//! tests can check the demo's measurements against a lab whose behaviour they know.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -8,13 +11,37 @@ use std::time::{Duration, Instant};
 
 use crate::gluetun::GatewayBreak;
 use crate::lab::{Lab, LabBuilder, LabError};
-use crate::probe;
+use crate::probe::{self, Outage};
 use crate::topo;
+
+/// What the tour measured (what it printed, as numbers).
+#[derive(Debug, Default)]
+pub struct TourSummary {
+    /// Routers whose daemon runs and answers its api.
+    pub routers_running: usize,
+    /// Exit IP → number of the 40 requests that left there.
+    pub exits: BTreeMap<Ipv4Addr, usize>,
+    pub failed_requests: usize,
+    /// Client packets the node forwarded past the VPN.
+    pub leaked_packets: u64,
+    /// Scene 2: what ping saw while the master's pod died.
+    pub failover: Option<Outage>,
+    /// Scene 3: time from the break to the last new connection the broken gateway got (or lost).
+    pub gateway_left_after: Option<Duration>,
+    /// Scene 3: whether the broken gateway was still used at the end.
+    pub gateway_never_left: bool,
+    /// Scene 4: (flows opened, flows still working, flows not on the broken gateway).
+    pub flows: Option<(usize, usize, usize)>,
+    /// Scene 5: the ingress pod's `/whoami` answer through a forwarded port.
+    pub ingress_answer: Option<String>,
+    /// Scene 6: the A records of the DDNS name.
+    pub dns_records: Option<Vec<Ipv4Addr>>,
+}
 
 fn heading(n: usize, title: &str) {
     println!(
         "\n── {n}. {title} {}",
-        "─".repeat(70usize.saturating_sub(title.len()))
+        "─".repeat(70usize.saturating_sub(title.chars().count()))
     );
 }
 
@@ -22,11 +49,26 @@ fn ms(d: Duration) -> String {
     format!("{} ms", d.as_millis())
 }
 
-/// Which router holds the egress VIP right now (kernel view).
+/// Which router holds the egress VIP right now (kernel view), among running daemons.
 fn master(lab: &Lab) -> Option<usize> {
     lab.routers()
         .iter()
         .position(|r| r.is_running() && r.holds_egress_vip())
+}
+
+fn wait_master(lab: &Lab, want: Option<usize>, timeout: Duration) -> Option<usize> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let m = master(lab);
+        let done = match want {
+            Some(k) => m == Some(k),
+            None => m.is_some(),
+        };
+        if done || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The issue that builds each component the daemon reports in `/status`.
@@ -43,7 +85,7 @@ fn issue_of(component: &str) -> &'static str {
 /// `components.<name>.state` from each running router's `/status`.
 fn component_states(lab: &Lab) -> BTreeMap<String, Vec<String>> {
     let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in lab.routers() {
+    for r in lab.routers().iter().filter(|r| r.is_running()) {
         let Ok(v) = r.status() else { continue };
         let Some(comps) = v["components"].as_object() else {
             continue;
@@ -67,43 +109,57 @@ fn first_lines(s: &str, n: usize) -> String {
     s.lines().take(n).collect::<Vec<_>>().join("\n      ")
 }
 
-/// Runs the demo.
+fn list(v: &[Ipv4Addr]) -> String {
+    v.iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Builds the lab and runs the tour (what `vpn-router-lab demo` does).
 pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     let t0 = Instant::now();
     println!("vpn-router demo: the reference topology in network namespaces on this machine");
     let lab = builder.start_routers(false).build()?;
     println!(
-        "lab {} up in {}: {} routers, {} gateways (exit IPs {}), clients, ingress pods, Internet, DNS",
+        "lab {} up in {}: {} routers, {} gateways (exit IPs {}), {} client pods, {} ingress pods, Internet, DNS",
         lab.prefix,
         ms(lab.setup_time),
         lab.routers().len(),
         lab.gateways().len(),
-        lab.gateways()
-            .iter()
-            .map(|g| g.public_ip().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
+        list(&lab.gateways().iter().map(|g| g.public_ip()).collect::<Vec<_>>()),
+        lab.clients().len(),
+        lab.ingress_pods().len(),
     );
     println!("logs and configs: {}", lab.dir.display());
+    tour(&lab, true)?;
+    let td = Instant::now();
+    drop(lab);
+    println!(
+        "\nlab torn down in {}; demo took {:.1} s",
+        ms(td.elapsed()),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
 
-    // Routers.
+/// Runs the scenes on `lab`, starting its routers first when `start_routers`.
+pub fn tour(lab: &Lab, start_routers: bool) -> Result<TourSummary, LabError> {
+    let mut sum = TourSummary::default();
+
     heading(0, "routers");
-    let mut running = 0;
     let mut missing_binary = false;
     for r in lab.routers() {
+        if !start_routers {
+            continue;
+        }
         match r.start() {
             Ok(()) => {
-                running += 1;
-                let ready = r
-                    .api_get("/readyz")
-                    .map(|x| {
-                        if x.status == 200 {
-                            "ready"
-                        } else {
-                            "not ready"
-                        }
-                    })
-                    .unwrap_or("no answer on /readyz");
+                let ready = match r.api_get("/readyz") {
+                    Ok(x) if x.status == 200 => "ready",
+                    Ok(_) => "not ready",
+                    Err(_) => "no answer on /readyz",
+                };
                 println!("  router {}: vpn-router running, {ready}", r.index);
             }
             Err(e) => {
@@ -116,6 +172,7 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
             }
         }
     }
+    sum.routers_running = lab.routers().iter().filter(|r| r.is_running()).count();
     if !crate::lab::ipvs_available() {
         println!(
             "  (this kernel has no IPVS, so the routers' configs leave out the ingress section)"
@@ -123,10 +180,12 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     }
     if missing_binary {
         println!("  not built yet: the vpn-router binary (issue 2) — the scenes below run without routers and show what fails");
-    } else if running == 0 {
-        println!("  no router is running (see above) — the scenes below run without routers and show what fails");
+    } else if sum.routers_running == 0 {
+        println!(
+            "  no router is running — the scenes below run without routers and show what fails"
+        );
     }
-    let states = component_states(&lab);
+    let states = component_states(lab);
     if !states.is_empty() {
         println!("  {:<10} state on each router (from /status)", "component");
         for (name, v) in &states {
@@ -138,17 +197,15 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
             println!("  {name:<10} {}{note}", v.join(", "));
         }
     }
-    // Give VRRP a moment to elect (3 adverts of 100 ms + skew).
-    if running > 0 {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while master(&lab).is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    let m = master(&lab);
+    let m = if sum.routers_running > 0 {
+        // VRRP elects within 3 adverts + skew (a few hundred ms at 100 ms adverts).
+        wait_master(lab, None, Duration::from_secs(3))
+    } else {
+        None
+    };
     match m {
         Some(k) => println!("  router {k} holds the egress VIP {}", topo::EGRESS_VIP),
-        None if running > 0 && built(&states, "vrrp") => println!(
+        None if built(&states, "vrrp") => println!(
             "  no router holds the egress VIP {} although VRRP is built: see the routers' logs",
             topo::EGRESS_VIP
         ),
@@ -164,36 +221,27 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
         "40 requests from a client pod: the exit IPs the Internet saw",
     );
     let client = lab.client(0);
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    let mut failed = 0;
     let mut first_err = None;
     for _ in 0..40 {
         match client.exit_ip(Duration::from_millis(250)) {
-            Ok(ip) => *seen.entry(ip.to_string()).or_insert(0) += 1,
+            Ok(ip) => *sum.exits.entry(ip).or_insert(0) += 1,
             Err(e) => {
-                failed += 1;
+                sum.failed_requests += 1;
                 first_err.get_or_insert(e.to_string());
             }
         }
     }
     println!("  {:<16} {:>6}  which", "exit IP", "count");
-    for (ip, n) in &seen {
-        let who = lab
-            .gateways()
-            .iter()
-            .find(|g| g.public_ip().to_string() == *ip)
-            .map(|g| format!("gateway {}", g.index))
-            .unwrap_or_else(|| {
-                if ip == &topo::NODE_PUBLIC.to_string() {
-                    "THE NODE — a leak past the VPN".into()
-                } else {
-                    "?".into()
-                }
-            });
-        println!("  {ip:<16} {n:>6}  {who}");
+    for (ip, n) in &sum.exits {
+        let who = match lab.gateways().iter().find(|g| g.public_ip() == *ip) {
+            Some(g) => format!("gateway {}", g.index),
+            None if *ip == topo::NODE_PUBLIC => "THE NODE — a leak past the VPN".into(),
+            None => "?".into(),
+        };
+        println!("  {:<16} {n:>6}  {who}", ip.to_string());
     }
-    println!("  failed requests: {failed} of 40");
-    let egress_works = !seen.is_empty();
+    println!("  failed requests: {} of 40", sum.failed_requests);
+    let egress_works = !sum.exits.is_empty();
     if !egress_works {
         println!("  first error: {}", first_err.unwrap_or_default());
         if m.is_none() {
@@ -204,21 +252,23 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
             println!("  the VIP is held and egress is built, yet nothing got through: see the routers' logs");
         }
     }
-    match lab.leaked_packets() {
-        Ok(0) => {
-            println!("  leaks through the router's own default route (node counter): 0 packets")
-        }
-        Ok(n) => println!("  LEAK: the node forwarded {n} packets from client pods past the VPN"),
-        Err(e) => println!("  leak counter unreadable: {e}"),
+    sum.leaked_packets = lab.leaked_packets()?;
+    if sum.leaked_packets == 0 {
+        println!("  leaks through the router's own default route (node counter): 0 packets");
+    } else {
+        println!(
+            "  LEAK: the node forwarded {} packets from client pods past the VPN",
+            sum.leaked_packets
+        );
     }
 
-    // 2. Master killed.
+    // 2. Master dies.
     heading(
         2,
-        "the master router killed (kill -9): the outage a client saw",
+        "the master router's pod dies (kill -9, links down): the outage a client saw",
     );
     match m {
-        None => println!("  skipped: no master to kill (not built yet: VRRP, issue 5)"),
+        None => println!("  skipped: no master to kill (VRRP: issue 5)"),
         Some(k) if lab.routers().len() < 2 => {
             println!("  skipped: router {k} is the only router; use --routers 2")
         }
@@ -237,9 +287,9 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
                     let _ = lab.router(k).kill_pod();
                 },
             )?;
-            let new = master(&lab);
+            let new = master(lab);
             println!(
-                "  pinging {target} every 10 ms; router {k} killed at 0.5 s; new master: {}",
+                "  pinging {target} every 10 ms; router {k}'s pod died at 0.5 s; new master: {}",
                 new.map(|n| format!("router {n}"))
                     .unwrap_or_else(|| "none".into())
             );
@@ -254,65 +304,81 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
             if !egress_works {
                 println!("  (measured to the VIP itself: the egress path does not work yet)");
             }
-            if let Err(e) = lab.router(k).restart() {
-                println!(
+            sum.failover = Some(out);
+            match lab.router(k).revive_pod() {
+                Err(e) => println!(
                     "  restarting router {k} failed: {}",
                     first_lines(&e.to_string(), 3)
-                );
+                ),
+                Ok(()) => {
+                    // The revived router may preempt; let that settle before scene 3.
+                    let now = wait_master(lab, Some(k), Duration::from_secs(3));
+                    println!(
+                        "  router {k} is back; master now: {}",
+                        now.map(|n| format!("router {n}"))
+                            .unwrap_or_else(|| "none".into())
+                    );
+                }
             }
         }
     }
 
-    // 3. Gateway broken.
+    // 3 + 4. A gateway breaks.
     heading(
         3,
         "a gateway's tunnel dies silently (its API still says running)",
     );
     let broken = 1.min(lab.gateways().len() - 1);
     if !egress_works {
-        println!(
-            "  skipped: no request got through in scene 1, so no traffic reaches a gateway to lose"
-        );
+        println!("  skipped: no request got through in scene 1, so there is no traffic to lose");
         heading(4, "long-lived flows when that gateway died");
         println!("  skipped for the same reason (flow-stable egress: issue 8)");
     } else {
         let mut flows = client.open_flows(40, Duration::from_millis(500))?;
         let before = flows.by_exit();
         let gw = lab.gateway(broken);
-        let echo7 = SocketAddr::from((topo::INTERNET_ECHO, 7));
+        let broke_at = Duration::from_millis(300);
+        let run_for = Duration::from_secs(4);
         let timeline = probe::connection_timeline(
             &client.ns,
-            echo7,
+            SocketAddr::from((topo::INTERNET_ECHO, 7)),
             Duration::from_millis(20),
             Duration::from_millis(150),
-            Duration::from_secs(4),
-            Duration::from_millis(300),
+            run_for,
+            broke_at,
             || {
                 let _ = gw.break_as(GatewayBreak::TunnelDead);
             },
         )?;
-        let broke_at = Duration::from_millis(300);
         let bad = |r: &Option<Ipv4Addr>| r.is_none() || *r == Some(gw.public_ip());
-        let last_bad = timeline
-            .iter()
-            .filter(|(t, r)| *t >= broke_at && bad(r))
-            .map(|(t, _)| *t)
-            .max();
         let after: Vec<_> = timeline.iter().filter(|(t, _)| *t >= broke_at).collect();
+        let last_bad = after.iter().filter(|(_, r)| bad(r)).map(|(t, _)| *t).max();
         match last_bad {
-            None => println!("  gateway {broken}: no new connection hit it after the break"),
-            Some(t) if t + Duration::from_millis(500) > Duration::from_secs(4) => println!(
-                "  gateway {broken} ({}) was still getting new connections {} after the break: it never left the route",
-                gw.public_ip(),
-                ms(t - broke_at)
+            None => println!(
+                "  gateway {broken} ({}): no new connection went to it after the break",
+                gw.public_ip()
             ),
-            Some(t) => println!(
-                "  gateway {broken} ({}) left the route: last new connection lost {} after the break ({} connections tried, 1 per 20 ms)",
-                gw.public_ip(),
-                ms(t - broke_at),
-                after.len()
-            ),
+            Some(t) if t + Duration::from_millis(500) > run_for => {
+                sum.gateway_never_left = true;
+                println!(
+                    "  gateway {broken} ({}) still got new connections {} after the break: it never left the route",
+                    gw.public_ip(),
+                    ms(t - broke_at)
+                )
+            }
+            Some(t) => {
+                sum.gateway_left_after = Some(t - broke_at);
+                println!(
+                    "  gateway {broken} ({}) left the route: its last new connection was lost {} after the break",
+                    gw.public_ip(),
+                    ms(t - broke_at),
+                );
+            }
         }
+        println!(
+            "  ({} new connections tried after the break, one every 20 ms, 150 ms connect timeout)",
+            after.len()
+        );
         heading(4, "long-lived flows when that gateway died");
         let alive = flows.check(Duration::from_millis(800));
         let on_broken = before.get(&gw.public_ip()).copied().unwrap_or(0);
@@ -327,18 +393,21 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
                 .count();
             println!("  {:<16} {n:>6} {a:>6}", ip.to_string());
         }
+        let total = flows.flows.len();
         println!(
-            "  kept {kept} of {} flows; {} could have been kept (those not on gateway {broken})",
-            flows.flows.len(),
-            flows.flows.len() - on_broken
+            "  kept {kept} of {total} flows; {} could have been kept (those not on gateway {broken})",
+            total - on_broken
         );
-        let _ = gw.repair();
+        if flows.failed_to_open > 0 {
+            println!("  ({} flows failed to open)", flows.failed_to_open);
+        }
+        sum.flows = Some((total, kept, total - on_broken));
+        gw.repair()?;
     }
 
     // 5. Ingress.
     heading(5, "a request from the Internet through a forwarded port");
-    let ipvs = std::path::Path::new("/proc/net/ip_vs").exists();
-    if !ipvs {
+    if !crate::lab::ipvs_available() {
         let modprobe = std::process::Command::new("modprobe")
             .arg("ip_vs")
             .output()
@@ -347,7 +416,7 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
         println!(
             "  this kernel has no IPVS (/proc/net/ip_vs is missing; modprobe ip_vs: {modprobe})"
         );
-        println!("  the ingress scene needs IPVS; it runs in the VM harness (tests/vm, issue 4), not here");
+        println!("  the ingress scene needs IPVS: it runs in the VM harness (tests/vm, issue 4), not here");
     } else {
         let g = lab.gateway(0);
         let url = format!(
@@ -356,14 +425,17 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
             topo::gateway_forwarded_port(0)
         );
         match lab.internet_http_get(&url, Duration::from_secs(2)) {
-            Ok(r) => println!(
-                "  GET {url} from 203.0.113.1 → HTTP {}: {}\n  (a TCP answer from {} means the reply went back through gateway 0)",
-                r.status,
-                r.body.trim(),
-                g.public_ip()
-            ),
+            Ok(r) => {
+                println!(
+                    "  GET {url} from 203.0.113.1 → HTTP {}: {}",
+                    r.status,
+                    r.body.trim()
+                );
+                println!("  (the TCP answer came from {}: the reply left through gateway 0)", g.public_ip());
+                sum.ingress_answer = Some(r.body);
+            }
             Err(e) => println!(
-                "  GET {url} failed: {e}\n  not built yet: ingress virtual servers (issue 9) and return routing (issue 7)"
+                "  GET {url} failed: {e}\n  ingress virtual servers: issue 9, return routing: issue 7"
             ),
         }
     }
@@ -374,49 +446,33 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     let ddns_built = built(&states, "ddns");
     let mut records = lab.dns_a_records(topo::DDNS_HOSTNAME);
     if ddns_built {
-        // Gateway 1 was repaired a moment ago; DDNS has a couple of seconds to catch up.
+        // A gateway was repaired a moment ago; DDNS has a couple of seconds to catch up.
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline && !matches!(&records, Ok(v) if *v == expected) {
             std::thread::sleep(Duration::from_millis(200));
             records = lab.dns_a_records(topo::DDNS_HOSTNAME);
         }
     }
-    let list = |v: &[Ipv4Addr]| {
-        v.iter()
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     match records {
         Ok(v) if v.is_empty() && !ddns_built => println!(
             "  {} has no A records on the lab's BIND: not built yet: DDNS (issue 10)",
             topo::DDNS_HOSTNAME
         ),
         Ok(v) => {
-            println!(
-                "  {} A {}",
-                topo::DDNS_HOSTNAME,
-                if v.is_empty() {
-                    "(none)".to_string()
-                } else {
-                    list(&v)
-                }
-            );
+            let shown = if v.is_empty() {
+                "(none)".to_string()
+            } else {
+                list(&v)
+            };
+            println!("  {} A {shown}", topo::DDNS_HOSTNAME);
             println!(
                 "  healthy gateways' exit IPs: {} — {}",
                 list(&expected),
                 if v == expected { "match" } else { "MISMATCH" }
             );
+            sum.dns_records = Some(v);
         }
         Err(e) => println!("  dig failed: {e}"),
     }
-
-    let td = Instant::now();
-    drop(lab);
-    println!(
-        "\nlab torn down in {}; demo took {:.1} s",
-        ms(td.elapsed()),
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(())
+    Ok(sum)
 }

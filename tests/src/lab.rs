@@ -1155,6 +1155,9 @@ impl Lab {
     pub fn ingress_pod(&self, m: usize) -> &PodNode {
         &self.ingress[m]
     }
+    pub fn clients(&self) -> &[PodNode] {
+        &self.clients
+    }
     pub fn ingress_pods(&self) -> &[PodNode] {
         &self.ingress
     }

@@ -546,3 +546,34 @@ fn routers_run_with_the_generated_config() {
         "client traffic leaked via the node"
     );
 }
+
+/// The demo's scenes measure correctly: on a lab with a hand-made route through gateway 0 and
+/// no routers running, the tour must report exactly what that lab does.
+#[test]
+fn demo_tour_reports_what_the_lab_does() {
+    let lab = build(
+        builder()
+            .gateways(2)
+            .routers(1)
+            .clients(1)
+            .ingress_pods(0)
+            .dns(true),
+    );
+    lab.static_egress(0, 0).unwrap();
+    let s = lab::demo::tour(&lab, false).unwrap();
+    assert_eq!(s.routers_running, 0);
+    assert_eq!(s.failed_requests, 0);
+    assert_eq!(
+        s.exits.get(&topo::gateway_public(0)),
+        Some(&40),
+        "{:?}",
+        s.exits
+    );
+    assert_eq!(s.leaked_packets, 0);
+    assert!(s.failover.is_none(), "no master: scene 2 must be skipped");
+    // Gateway 1 breaks but carries nothing here: no flow or connection is affected.
+    assert!(!s.gateway_never_left && s.gateway_left_after.is_none());
+    assert_eq!(s.flows, Some((40, 40, 40)));
+    // No DDNS in this lab: the zone has no records and the tour says so.
+    assert!(s.dns_records.is_none());
+}
