@@ -1253,12 +1253,18 @@ impl Lab {
 
     /// Starts `tcpdump -w` on `iface` in `ns`; stop it with `Capture::stop`.
     pub fn capture(&self, ns: &Netns, iface: &str, filter: &str) -> Result<Capture, LabError> {
+        if !which("tcpdump") {
+            return Err(LabError::MissingTool {
+                tool: "tcpdump",
+                package: "tcpdump",
+            });
+        }
         let file = self.dir.join(format!(
             "{}-{iface}-{}.pcap",
             ns.name(),
             LAB_COUNTER.load(Ordering::SeqCst)
         ));
-        let mut args = vec!["-i", iface, "-n", "-U", "-w"];
+        let mut args = vec!["-i", iface, "-n", "-U", "--immediate-mode", "-w"];
         let f = file.display().to_string();
         args.push(&f);
         args.extend(filter.split_whitespace());
@@ -1332,9 +1338,13 @@ pub struct Capture {
 impl Capture {
     /// Stops the capture and counts packets matching `filter` (`tcpdump -r`).
     pub fn stop_and_count(mut self, filter: &str) -> Result<usize, LabError> {
-        if let Some(p) = self.proc_.take() {
+        if let Some(mut p) = self.proc_.take() {
+            // SIGINT lets tcpdump flush its file; kill it only if it does not exit.
             p.signal(nix::sys::signal::Signal::SIGINT);
-            std::thread::sleep(Duration::from_millis(100));
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while p.exited().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             p.kill_and_reap();
         }
         let f = self.file.display().to_string();

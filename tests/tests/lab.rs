@@ -367,11 +367,21 @@ fn hand_made_route_egress_ingress_and_leak_plumbing() {
             "eth0",
         ])
         .unwrap();
+    let cap = lab.capture(lab.node(), "wan0", "tcp").unwrap();
     let _ = c.exit_ip(Duration::from_millis(300));
     assert!(
         lab.leaked_packets().unwrap() > 0,
         "the leak counter missed a leak"
     );
+    // ...and is on the wire: the node's Internet side sent it with the node's own address.
+    let n = cap
+        .stop_and_count(&format!(
+            "src host {} and dst host {}",
+            topo::NODE_PUBLIC,
+            topo::INTERNET_ECHO
+        ))
+        .unwrap();
+    assert!(n > 0, "tcpdump saw no leaked packet on the node's wan0");
 }
 
 #[test]
