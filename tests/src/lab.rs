@@ -769,6 +769,11 @@ impl Lab {
         let prefix = format!("vrl{}x{n}", std::process::id());
         let dir = Path::new(LAB_ROOT).join(&prefix);
         std::fs::create_dir_all(&dir).map_err(io_err(format!("create {}", dir.display())))?;
+        let me = i32::try_from(std::process::id()).unwrap_or(-1);
+        if let Some(t) = netns::proc_starttime(me) {
+            let f = dir.join(netns::OWNER_FILE);
+            std::fs::write(&f, t.to_string()).map_err(io_err(format!("write {}", f.display())))?;
+        }
         if let Ok(mut l) = LIVE_LABS.lock() {
             l.push(prefix.clone());
         }

@@ -344,6 +344,36 @@ pub fn pid_alive(pid: i32) -> bool {
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
+/// The start time of `pid` (clock ticks since boot, field 22 of /proc/PID/stat): with the pid,
+/// it names one process for good, even when pids are reused.
+pub fn proc_starttime(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    // After the comm: field 3 is at index 0, so field 22 is at index 19.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// File in a lab's directory that records its owner's start time.
+pub const OWNER_FILE: &str = "owner-starttime";
+
+/// True while the process that created lab `prefix` (pid encoded in the name) still runs.
+/// A recorded start time that no longer matches means the pid was reused: the owner is dead.
+pub fn lab_owner_alive(prefix: &str) -> bool {
+    let Some(pid) = lab_owner(prefix) else {
+        return false;
+    };
+    if !pid_alive(pid) {
+        return false;
+    }
+    let recorded = std::fs::read_to_string(Path::new(LAB_ROOT).join(prefix).join(OWNER_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match recorded {
+        Some(t) => proc_starttime(pid) == Some(t),
+        None => true,
+    }
+}
+
 /// What a sweep removed.
 #[derive(Debug, Default)]
 pub struct SweepReport {
@@ -358,7 +388,7 @@ pub fn sweep_stale() -> SweepReport {
     let mut report = SweepReport::default();
     let stale: Vec<Netns> = list_namespaces()
         .into_iter()
-        .filter(|n| lab_owner(n).is_some_and(|p| !pid_alive(p)))
+        .filter(|n| lab_prefix(n).is_some_and(|p| !lab_owner_alive(p)))
         .map(|n| Netns::named(&n))
         .collect();
     // Kill everything first, then delete: a process in one namespace may hold another's veth.
@@ -371,7 +401,8 @@ pub fn sweep_stale() -> SweepReport {
     if let Ok(rd) = std::fs::read_dir(LAB_ROOT) {
         for e in rd.filter_map(|e| e.ok()) {
             let name = e.file_name().to_string_lossy().into_owned();
-            if lab_owner(&name).is_some_and(|p| !pid_alive(p))
+            if lab_owner(&name).is_some()
+                && !lab_owner_alive(&name)
                 && std::fs::remove_dir_all(e.path()).is_ok()
             {
                 report.dirs.push(e.path());
@@ -393,6 +424,14 @@ mod tests {
         assert_eq!(lab_owner("vrlx0-gw3"), None);
         assert_eq!(lab_owner("vrl12x-a"), None);
         assert_eq!(lab_owner("other"), None);
+    }
+
+    #[test]
+    fn starttime_names_a_process() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        assert!(proc_starttime(me).is_some());
+        assert_eq!(proc_starttime(me), proc_starttime(me));
+        assert_eq!(proc_starttime(i32::MAX), None);
     }
 
     #[test]

@@ -587,3 +587,22 @@ fn demo_tour_reports_what_the_lab_does() {
     // No DDNS in this lab: the zone has no records and the tour says so.
     assert!(s.dns_records.is_none());
 }
+
+/// A lab whose owner pid is alive but belongs to another process now (pid reuse) is stale:
+/// its recorded start time does not match.
+#[test]
+fn sweep_sees_through_pid_reuse() {
+    let prefix = format!("vrl{}x9999", std::process::id());
+    let dir = std::path::Path::new(netns::LAB_ROOT).join(&prefix);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(netns::OWNER_FILE), "1").unwrap();
+    let ns = Netns::create(&format!("{prefix}-gw0")).unwrap();
+    assert!(!netns::lab_owner_alive(&prefix));
+    let report = netns::sweep_stale();
+    assert!(
+        report.namespaces.contains(&ns.name().to_string()),
+        "{report:?}"
+    );
+    assert!(!ns.path().exists());
+    assert!(!dir.exists());
+}
