@@ -598,11 +598,8 @@ fn sweep_sees_through_pid_reuse() {
     std::fs::write(dir.join(netns::OWNER_FILE), "1").unwrap();
     let ns = Netns::create(&format!("{prefix}-gw0")).unwrap();
     assert!(!netns::lab_owner_alive(&prefix));
-    let report = netns::sweep_stale();
-    assert!(
-        report.namespaces.contains(&ns.name().to_string()),
-        "{report:?}"
-    );
+    // (A lab built concurrently by another test may sweep it first; either way it goes.)
+    netns::sweep_stale();
     assert!(!ns.path().exists());
     assert!(!dir.exists());
 }
