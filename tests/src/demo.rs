@@ -28,6 +28,8 @@ pub struct TourSummary {
     pub failover: Option<Outage>,
     /// Scene 3: time from the break to the last new connection the broken gateway got (or lost).
     pub gateway_left_after: Option<Duration>,
+    /// Scene 3: time from the break until a router's /status called the gateway unhealthy.
+    pub gateway_marked_after: Option<Duration>,
     /// Scene 3: whether the broken gateway was still used at the end.
     pub gateway_never_left: bool,
     /// Scene 4: (flows opened, flows still working, flows not on the broken gateway).
@@ -103,6 +105,99 @@ fn built(states: &BTreeMap<String, Vec<String>>, component: &str) -> bool {
     states
         .get(component)
         .is_some_and(|v| v.iter().any(|s| s != "not_built"))
+}
+
+/// `components.gateways.detail.egress` of the first running router.
+fn egress_detail(lab: &Lab) -> Option<String> {
+    let r = lab.routers().iter().find(|r| r.is_running())?;
+    let v = r.status().ok()?;
+    v["components"]["gateways"]["detail"]["egress"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn set_egress_mode(yaml: &str, mode: &str) -> String {
+    yaml.lines()
+        .map(|l| {
+            if l.starts_with("    mode: ") {
+                format!("    mode: {mode}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+/// The lab asks for the flow-stable egress mode; when the routers say it is not built yet,
+/// say so and fall back to the best mode that is.
+fn egress_mode_fallback(lab: &Lab) -> Result<(), LabError> {
+    let Some(first) = egress_detail(lab) else {
+        return Ok(());
+    };
+    println!("  egress routing: {first}");
+    if !first.starts_with("not built") {
+        return Ok(());
+    }
+    for mode in ["ecmp_resilient", "ecmp"] {
+        for r in lab.routers() {
+            r.rewrite_config(|y| set_egress_mode(y, mode))?;
+            if r.is_running() {
+                r.restart()?;
+            }
+        }
+        match egress_detail(lab) {
+            Some(d) if !d.starts_with("not built") => {
+                println!("  → this demo runs with egress.mode {mode} instead ({d})");
+                return Ok(());
+            }
+            d => println!("  egress.mode {mode}: {}", d.unwrap_or_default()),
+        }
+    }
+    Ok(())
+}
+
+/// Each gateway's health as each running router reports it.
+fn gateway_table(lab: &Lab) {
+    let per_router: Vec<(usize, Vec<(Ipv4Addr, String)>)> = lab
+        .routers()
+        .iter()
+        .filter(|r| r.is_running())
+        .filter_map(|r| r.gateway_states().map(|g| (r.index, g)))
+        .collect();
+    if per_router.is_empty() {
+        return;
+    }
+    let head: Vec<String> = per_router
+        .iter()
+        .map(|(k, _)| format!("router {k}"))
+        .collect();
+    println!(
+        "  {:<8} {:<15} {:<14} {}",
+        "gateway",
+        "address",
+        "exit IP",
+        head.join("  ")
+    );
+    for g in lab.gateways() {
+        let cells: Vec<String> = per_router
+            .iter()
+            .map(|(_, v)| {
+                v.iter()
+                    .find(|(a, _)| *a == g.address())
+                    .map(|(_, s)| format!("{s:<8}"))
+                    .unwrap_or_else(|| "?       ".into())
+            })
+            .collect();
+        println!(
+            "  {:<8} {:<15} {:<14} {}",
+            g.index,
+            g.address().to_string(),
+            g.public_ip().to_string(),
+            cells.join("  ")
+        );
+    }
 }
 
 fn first_lines(s: &str, n: usize) -> String {
@@ -197,6 +292,14 @@ pub fn tour(lab: &Lab, start_routers: bool) -> Result<TourSummary, LabError> {
             println!("  {name:<10} {}{note}", v.join(", "));
         }
     }
+    let states = if built(&states, "gateways") {
+        egress_mode_fallback(lab)?;
+        let states = component_states(lab);
+        gateway_table(lab);
+        states
+    } else {
+        states
+    };
     let m = if sum.routers_running > 0 {
         // VRRP elects within 3 adverts + skew (a few hundred ms at 100 ms adverts).
         wait_master(lab, None, Duration::from_secs(3))
@@ -329,80 +432,173 @@ pub fn tour(lab: &Lab, start_routers: bool) -> Result<TourSummary, LabError> {
         "a gateway's tunnel dies silently (its API still says running)",
     );
     let broken = 1.min(lab.gateways().len() - 1);
-    if !egress_works {
-        println!("  skipped: no request got through in scene 1, so there is no traffic to lose");
+    let health_built = built(&states, "gateways");
+    if !egress_works && !health_built {
+        println!("  skipped: no gateway health checks run (issue 6) and no request got through in scene 1");
         heading(4, "long-lived flows when that gateway died");
         println!("  skipped for the same reason (flow-stable egress: issue 8)");
     } else {
-        let mut flows = client.open_flows(40, Duration::from_millis(500))?;
-        let before = flows.by_exit();
         let gw = lab.gateway(broken);
+        let mut flows = if egress_works {
+            Some(client.open_flows(40, Duration::from_millis(500))?)
+        } else {
+            None
+        };
+        let watcher = lab.routers().iter().find(|r| r.is_running());
+        let via = format!("via {} ", gw.address());
+        let route_had_gw = watcher.is_some_and(|r| r.egress_routes().contains(&via));
+        let mut marked: Option<Duration> = None;
+        let mut route_gone: Option<Duration> = None;
         let broke_at = Duration::from_millis(300);
         let run_for = Duration::from_secs(4);
-        let timeline = probe::connection_timeline(
-            &client.ns,
-            SocketAddr::from((topo::INTERNET_ECHO, 7)),
-            Duration::from_millis(20),
-            Duration::from_millis(150),
-            run_for,
-            broke_at,
-            || {
-                let _ = gw.break_as(GatewayBreak::TunnelDead);
-            },
-        )?;
-        let bad = |r: &Option<Ipv4Addr>| r.is_none() || *r == Some(gw.public_ip());
-        let after: Vec<_> = timeline.iter().filter(|(t, _)| *t >= broke_at).collect();
-        let last_bad = after.iter().filter(|(_, r)| bad(r)).map(|(t, _)| *t).max();
-        match last_bad {
-            None => println!(
-                "  gateway {broken} ({}): no new connection went to it after the break",
-                gw.public_ip()
-            ),
-            Some(t) if t + Duration::from_millis(500) > run_for => {
-                sum.gateway_never_left = true;
-                println!(
-                    "  gateway {broken} ({}) still got new connections {} after the break: it never left the route",
-                    gw.public_ip(),
-                    ms(t - broke_at)
-                )
+        let mut watch = || {
+            let t = Instant::now();
+            let _ = gw.break_as(GatewayBreak::TunnelDead);
+            while let Some(r) = watcher {
+                if marked.is_none()
+                    && r.gateway_states().is_some_and(|v| {
+                        v.iter()
+                            .any(|(a, st)| *a == gw.address() && st != "healthy")
+                    })
+                {
+                    marked = Some(t.elapsed());
+                }
+                if route_had_gw && route_gone.is_none() && !r.egress_routes().contains(&via) {
+                    route_gone = Some(t.elapsed());
+                }
+                let done = marked.is_some() && (!route_had_gw || route_gone.is_some());
+                if done || t.elapsed() > Duration::from_secs(3) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            Some(t) => {
-                sum.gateway_left_after = Some(t - broke_at);
-                println!(
-                    "  gateway {broken} ({}) left the route: its last new connection was lost {} after the break",
-                    gw.public_ip(),
-                    ms(t - broke_at),
-                );
+        };
+        let timeline = if egress_works {
+            Some(probe::connection_timeline(
+                &client.ns,
+                SocketAddr::from((topo::INTERNET_ECHO, 7)),
+                Duration::from_millis(20),
+                Duration::from_millis(150),
+                run_for,
+                broke_at,
+                watch,
+            )?)
+        } else {
+            watch();
+            None
+        };
+        let who = format!("gateway {broken} ({})", gw.public_ip());
+        if let Some(r) = watcher {
+            match marked {
+                Some(d) => println!(
+                    "  router {}'s health checks marked {who} unhealthy {} after the break",
+                    r.index,
+                    ms(d)
+                ),
+                None => println!(
+                    "  router {} still called {who} healthy 3 s after its tunnel died",
+                    r.index
+                ),
+            }
+            match (route_had_gw, route_gone) {
+                (true, Some(d)) => println!(
+                    "  its nexthop left router {}'s egress table 180 {} after the break",
+                    r.index,
+                    ms(d)
+                ),
+                (true, None) => println!(
+                    "  its nexthop was still in router {}'s egress table 180 3 s after the break",
+                    r.index
+                ),
+                (false, _) => println!(
+                    "  (router {}'s table 180 has no route via {} to watch)",
+                    r.index,
+                    gw.address()
+                ),
             }
         }
-        println!(
-            "  ({} new connections tried after the break, one every 20 ms, 150 ms connect timeout)",
-            after.len()
-        );
+        if let Some(timeline) = timeline {
+            let bad = |r: &Option<Ipv4Addr>| r.is_none() || *r == Some(gw.public_ip());
+            let after: Vec<_> = timeline.iter().filter(|(t, _)| *t >= broke_at).collect();
+            let last_bad = after.iter().filter(|(_, r)| bad(r)).map(|(t, _)| *t).max();
+            match last_bad {
+                None => println!("  {who}: no new connection went to it after the break"),
+                Some(t) if t + Duration::from_millis(500) > run_for => {
+                    sum.gateway_never_left = true;
+                    println!(
+                        "  {who} still got new connections {} after the break: it never left the route",
+                        ms(t - broke_at)
+                    )
+                }
+                Some(t) => {
+                    sum.gateway_left_after = Some(t - broke_at);
+                    println!(
+                        "  clients: the last new connection lost to {who} was {} after the break",
+                        ms(t - broke_at),
+                    );
+                }
+            }
+            println!(
+                "  ({} new connections tried after the break, one every 20 ms, 150 ms connect timeout)",
+                after.len()
+            );
+        }
         heading(4, "long-lived flows when that gateway died");
-        let alive = flows.check(Duration::from_millis(800));
-        let on_broken = before.get(&gw.public_ip()).copied().unwrap_or(0);
-        let kept = alive.iter().filter(|a| **a).count();
-        println!("  {:<16} {:>6} {:>6}", "exit IP", "flows", "alive");
-        for (ip, n) in &before {
-            let a = flows
-                .flows
-                .iter()
-                .zip(&alive)
-                .filter(|(f, ok)| f.exit_ip == *ip && **ok)
-                .count();
-            println!("  {:<16} {n:>6} {a:>6}", ip.to_string());
+        match flows.as_mut() {
+            None => println!("  skipped: no request got through in scene 1, so no flow to keep"),
+            Some(flows) => {
+                let before = flows.by_exit();
+                let alive = flows.check(Duration::from_millis(800));
+                let on_broken = before.get(&gw.public_ip()).copied().unwrap_or(0);
+                let kept = alive.iter().filter(|a| **a).count();
+                println!("  {:<16} {:>6} {:>6}", "exit IP", "flows", "alive");
+                for (ip, n) in &before {
+                    let a = flows
+                        .flows
+                        .iter()
+                        .zip(&alive)
+                        .filter(|(f, ok)| f.exit_ip == *ip && **ok)
+                        .count();
+                    println!("  {:<16} {n:>6} {a:>6}", ip.to_string());
+                }
+                let total = flows.flows.len();
+                println!(
+                    "  kept {kept} of {total} flows; {} could have been kept (those not on gateway {broken})",
+                    total - on_broken
+                );
+                if flows.failed_to_open > 0 {
+                    println!("  ({} flows failed to open)", flows.failed_to_open);
+                }
+                sum.flows = Some((total, kept, total - on_broken));
+            }
         }
-        let total = flows.flows.len();
-        println!(
-            "  kept {kept} of {total} flows; {} could have been kept (those not on gateway {broken})",
-            total - on_broken
-        );
-        if flows.failed_to_open > 0 {
-            println!("  ({} flows failed to open)", flows.failed_to_open);
-        }
-        sum.flows = Some((total, kept, total - on_broken));
         gw.repair()?;
+        if let Some(r) = watcher {
+            let t = Instant::now();
+            let mut back = None;
+            while t.elapsed() < Duration::from_secs(3) {
+                if r.gateway_states().is_some_and(|v| {
+                    v.iter()
+                        .any(|(a, st)| *a == gw.address() && st == "healthy")
+                }) {
+                    back = Some(t.elapsed());
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            match back {
+                Some(d) => println!(
+                    "  repaired: router {} calls it healthy again after {}",
+                    r.index,
+                    ms(d)
+                ),
+                None => println!(
+                    "  repaired, but router {} did not call it healthy within 3 s",
+                    r.index
+                ),
+            }
+        }
+        sum.gateway_marked_after = marked;
     }
 
     // 5. Ingress.

@@ -499,6 +499,38 @@ impl RouterNode {
             .run_in(|| http::get(&url, Duration::from_millis(1000)))??)
     }
 
+    /// Rewrites this router's config file (takes effect on SIGHUP or restart).
+    pub fn rewrite_config(&self, f: impl FnOnce(&str) -> String) -> Result<(), LabError> {
+        let old = std::fs::read_to_string(&self.config_path)
+            .map_err(io_err(format!("read {}", self.config_path.display())))?;
+        std::fs::write(&self.config_path, f(&old))
+            .map_err(io_err(format!("write {}", self.config_path.display())))
+    }
+
+    /// Per-gateway health as this router reports it in `/status`
+    /// (`components.gateways.detail.gateways[].{address,state}`); None when not reported.
+    pub fn gateway_states(&self) -> Option<Vec<(Ipv4Addr, String)>> {
+        let v = self.status().ok()?;
+        let gws = v["components"]["gateways"]["detail"]["gateways"].as_array()?;
+        Some(
+            gws.iter()
+                .filter_map(|g| {
+                    Some((
+                        g["address"].as_str()?.parse().ok()?,
+                        g["state"].as_str()?.to_string(),
+                    ))
+                })
+                .collect(),
+        )
+    }
+
+    /// The routes of egress table 180 (`ip route show table 180`), empty when it has none.
+    pub fn egress_routes(&self) -> String {
+        self.ns
+            .ip(&["route", "show", "table", "180"])
+            .unwrap_or_default()
+    }
+
     /// `/status` parsed as JSON.
     pub fn status(&self) -> Result<serde_json::Value, LabError> {
         let r = self.api_get("/status")?;
