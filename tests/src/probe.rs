@@ -154,6 +154,10 @@ pub fn ping_outage<F: FnOnce() + Send>(
     let secs = format!("{:.3}", interval.as_secs_f64());
     let deadline = format!("{}", duration.as_secs().max(1));
     let started = Instant::now();
+    let started_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
     let child = ns
         .command("ping")
         .args(["-n", "-D", "-i", &secs, "-W", "0.2", "-w", &deadline])
@@ -178,22 +182,23 @@ pub fn ping_outage<F: FnOnce() + Send>(
     Ok(Outage {
         sent,
         received: u64::try_from(ts.len()).unwrap_or(u64::MAX),
-        longest_gap: longest_gap(&ts, total),
+        longest_gap: longest_gap(&ts, started_wall, total),
         interval,
     })
 }
 
-fn longest_gap(ts: &[f64], total: f64) -> Duration {
-    let Some(first) = ts.first() else {
-        return Duration::from_secs_f64(total.max(0.0));
-    };
+/// Longest stretch without a reply within `[start, start + total]` (epoch seconds), counting
+/// the stretch before the first reply and after the last one.
+fn longest_gap(ts: &[f64], start: f64, total: f64) -> Duration {
+    let end = start + total;
+    let mut prev = start;
     let mut gap = 0.0f64;
-    for w in ts.windows(2) {
-        gap = gap.max(w[1] - w[0]);
+    for t in ts {
+        gap = gap.max(t - prev);
+        prev = *t;
     }
-    // The end: how long after the last reply the run went on (relative to the first).
-    let tail = total - (ts.last().unwrap_or(first) - first);
-    Duration::from_secs_f64(gap.max(tail.max(0.0)).max(0.0))
+    gap = gap.max(end - prev);
+    Duration::from_secs_f64(gap.max(0.0))
 }
 
 /// One new TCP connection to the echo's port 7 per `interval`: `(time since start, exit IP or
@@ -251,8 +256,13 @@ mod tests {
         let (ts, sent) = parse_ping(out);
         assert_eq!(ts.len(), 3);
         assert_eq!(sent, 30);
-        let g = longest_gap(&ts, 0.26);
+        let g = longest_gap(&ts, 1_700_000_000.0, 0.26);
         assert!((g.as_secs_f64() - 0.24).abs() < 1e-6, "{g:?}");
-        assert_eq!(longest_gap(&[], 1.0), Duration::from_secs(1));
+        assert_eq!(longest_gap(&[], 5.0, 1.0), Duration::from_secs(1));
+        // Silence at the start and at the end both count.
+        let g = longest_gap(&[10.5, 10.6], 10.0, 1.0);
+        assert!((g.as_secs_f64() - 0.5).abs() < 1e-6, "{g:?}");
+        let g = longest_gap(&[10.1, 10.2], 10.0, 1.0);
+        assert!((g.as_secs_f64() - 0.8).abs() < 1e-6, "{g:?}");
     }
 }
