@@ -454,7 +454,7 @@ fn measurement_helpers_see_what_happened() {
     );
     assert!(
         out.longest_gap >= Duration::from_millis(250)
-            && out.longest_gap < Duration::from_millis(1000),
+            && out.longest_gap < Duration::from_millis(1500),
         "{out:?}"
     );
 
@@ -468,7 +468,7 @@ fn measurement_helpers_see_what_happened() {
         SocketAddr::from((topo::INTERNET_ECHO, 7)),
         Duration::from_millis(20),
         Duration::from_millis(100),
-        Duration::from_millis(1500),
+        Duration::from_millis(2000),
         Duration::from_millis(200),
         || {
             g0.break_as(GatewayBreak::TunnelDead).unwrap();
@@ -484,12 +484,12 @@ fn measurement_helpers_see_what_happened() {
         .max()
         .expect("no failure seen");
     assert!(
-        last_fail > Duration::from_millis(400) && last_fail < Duration::from_millis(900),
+        last_fail > Duration::from_millis(400) && last_fail < Duration::from_millis(1200),
         "last failure at {last_fail:?}"
     );
     assert!(timeline
         .iter()
-        .any(|(t, r)| *t > Duration::from_millis(900) && *r == Some(topo::gateway_public(1))));
+        .any(|(t, r)| *t > Duration::from_millis(1200) && *r == Some(topo::gateway_public(1))));
     assert!(
         flows.check(Duration::from_millis(300)).iter().all(|a| !a),
         "flows on a dead tunnel still echo"
