@@ -217,7 +217,7 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
     println!("vpn-router demo: the reference topology in network namespaces on this machine");
     let lab = builder.start_routers(false).build()?;
     println!(
-        "lab {} up in {}: {} routers, {} gateways (exit IPs {}), {} client pods, {} ingress pods, Internet, DNS",
+        "lab {} up in {}: {} router(s), {} gateway(s) (exit IPs {}), {} client pod(s), {} ingress pod(s), Internet{}",
         lab.prefix,
         ms(lab.setup_time),
         lab.routers().len(),
@@ -225,6 +225,7 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
         list(&lab.gateways().iter().map(|g| g.public_ip()).collect::<Vec<_>>()),
         lab.clients().len(),
         lab.ingress_pods().len(),
+        if lab.has_dns() { ", DNS" } else { "" },
     );
     println!("logs and configs: {}", lab.dir.display());
     tour(&lab, true)?;
@@ -638,6 +639,10 @@ pub fn tour(lab: &Lab, start_routers: bool) -> Result<TourSummary, LabError> {
 
     // 6. DNS.
     heading(6, "the DNS record set");
+    if !lab.has_dns() {
+        println!("  skipped: this lab runs without a DNS server (--no-dns)");
+        return Ok(sum);
+    }
     let expected: Vec<Ipv4Addr> = lab.gateways().iter().map(|g| g.public_ip()).collect();
     let ddns_built = built(&states, "ddns");
     let mut records = lab.dns_a_records(topo::DDNS_HOSTNAME);

@@ -1192,6 +1192,10 @@ impl Lab {
     pub fn ingress_pod(&self, m: usize) -> &PodNode {
         &self.ingress[m]
     }
+    /// True when the lab runs BIND on the Internet.
+    pub fn has_dns(&self) -> bool {
+        self.dns
+    }
     pub fn clients(&self) -> &[PodNode] {
         &self.clients
     }
