@@ -37,10 +37,11 @@ lint: fmt-check clippy
 
 test-cargo:
 	@if [ "$$(id -u)" != 0 ]; then echo "make test: the namespace tier needs root (network namespaces, raw sockets, nft); run as root" >&2; exit 1; fi
+	$(CARGO) build --bin vpn-router --bin vpn-router-lab
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
 test-vm:
-	bash tests/vm/test-ipvs.sh
+	bash scripts/test-vm.sh
 
 test: deps lint test-cargo test-vm
 	@echo "make test: all tiers passed"

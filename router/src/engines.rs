@@ -89,24 +89,37 @@ impl Engines {
                 .map_err(|e| format!("gateways.health: {e}"))?;
         let status_rx = checker.status();
         tokio::spawn(checker.run(cancel.clone()));
-        let egress = match egress_settings(g) {
-            Some(settings) => {
-                let manager = grm::EgressManager::new(settings, self.grm_metrics.clone())
-                    .map_err(|e| format!("gateways.egress: {e}"))?;
-                let ready = manager.first_reconcile_done();
-                tokio::spawn(manager.run(healthy_rx.clone(), cancel.clone()));
-                Some(ready)
-            }
-            None => {
-                tracing::warn!("gateways.egress.mode consistent: engine not built yet (issue 8); health checks run, egress routes are not managed");
-                None
-            }
+        let (settings, built) = egress_settings(g);
+        let manager = grm::EgressManager::new(settings, self.grm_metrics.clone())
+            .map_err(|e| format!("gateways.egress: {e}"))?;
+        let ready = manager.first_reconcile_done();
+        if built {
+            tokio::spawn(manager.run(healthy_rx.clone(), cancel.clone()));
+        } else {
+            // A mode whose engine is not built must still never leak: run the egress manager
+            // on an always-empty healthy set, so only the kill switch is installed.
+            tracing::error!("gateways.egress.mode consistent: engine not built yet (issue 8); installing the kill switch only, client traffic to the Internet is dropped");
+            let (tx, rx) = tokio::sync::watch::channel(grm::HealthyGateways {
+                complete: true,
+                ..Default::default()
+            });
+            let keep = cancel.clone();
+            tokio::spawn(async move {
+                manager.run(rx, keep).await;
+                drop(tx);
+            });
+        }
+        let note = if built {
+            "managed"
+        } else {
+            "kill switch only: egress.mode consistent is not built yet (issue 8)"
         };
         tokio::spawn(publish_gateway_status(
             self.board.clone(),
             status_rx,
             healthy_rx,
-            egress,
+            Some(ready),
+            note,
             cancel.clone(),
         ));
         tracing::info!(
@@ -123,6 +136,7 @@ async fn publish_gateway_status(
     mut status: tokio::sync::watch::Receiver<Vec<grm::GatewayStatus>>,
     mut healthy: tokio::sync::watch::Receiver<grm::HealthyGateways>,
     mut egress_ready: Option<tokio::sync::watch::Receiver<bool>>,
+    egress_note: &'static str,
     cancel: CancellationToken,
 ) {
     loop {
@@ -131,15 +145,18 @@ async fn publish_gateway_status(
             .map_or_else(|| healthy.borrow().complete, |r| *r.borrow());
         let healthy_now: Vec<usize> = healthy.borrow().gateways.keys().copied().collect();
         let gateways = status.borrow().clone();
-        board.set("gateways", ComponentStatus {
-            state: ComponentState::Running,
-            ready,
-            detail: serde_json::json!({
-                "healthy": healthy_now,
-                "egress": if egress_ready.is_some() { "managed" } else { "not built: egress.mode consistent (issue 8)" },
-                "gateways": gateways,
-            }),
-        });
+        board.set(
+            "gateways",
+            ComponentStatus {
+                state: ComponentState::Running,
+                ready,
+                detail: serde_json::json!({
+                    "healthy": healthy_now,
+                    "egress": egress_note,
+                    "gateways": gateways,
+                }),
+            },
+        );
         let egress_changed = async {
             match egress_ready.as_mut() {
                 Some(r) => r.changed().await.is_ok(),
@@ -195,19 +212,21 @@ fn health_settings(g: &Gateways) -> grm::HealthSettings {
     }
 }
 
-/// `None` for a mode whose engine is not built yet.
-fn egress_settings(g: &Gateways) -> Option<grm::EgressSettings> {
+/// The egress settings, and whether the configured mode's engine is built (`consistent` is
+/// not yet: it gets plain ecmp settings that only ever carry the kill switch).
+fn egress_settings(g: &Gateways) -> (grm::EgressSettings, bool) {
     let e = &g.egress;
     let mode = match e.mode {
         config::EgressMode::Ecmp => grm::egress::EgressMode::Ecmp,
         config::EgressMode::EcmpResilient => {
             grm::egress::EgressMode::EcmpResilient(Default::default())
         }
-        config::EgressMode::Consistent => return None,
+        config::EgressMode::Consistent => grm::egress::EgressMode::Ecmp,
     };
+    let built = e.mode != config::EgressMode::Consistent;
     let probe_on = g.health.checks.contains(&HealthCheckKind::Probe);
     let rr = &g.return_routing;
-    Some(grm::EgressSettings {
+    let settings = grm::EgressSettings {
         interface: g.interface.clone(),
         gateways: g.addresses.value.clone(),
         mode,
@@ -228,5 +247,6 @@ fn egress_settings(g: &Gateways) -> Option<grm::EgressSettings> {
         }),
         hash_seed: Some(e.hash_seed),
         ..Default::default()
-    })
+    };
+    (settings, built)
 }
