@@ -14,12 +14,12 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use netlink_packet_core::{
     DecodeError, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    NetlinkSerializable, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkSerializable, NlasIterator, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_generic::constants::GENL_ID_CTRL;
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
-use netlink_packet_generic::{GenlFamily, GenlMessage};
+use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
 use netlink_proto::sys::protocols::NETLINK_GENERIC;
 use netlink_proto::sys::SocketAddr as NetlinkAddr;
 use netlink_proto::ConnectionHandle;
@@ -98,15 +98,43 @@ pub mod describe {
 /// still completes the request and the caller gets an error rather than a hang.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GenlPacket {
-    Ctrl(GenlMessage<GenlCtrl>),
+    /// A controller request we send (CTRL_CMD_GETFAMILY).
+    CtrlRequest(GenlMessage<GenlCtrl>),
+    /// A controller reply, reduced to the family id. netlink-packet-generic's own reply parser
+    /// is not used: it panics on some malformed policy attributes (found by our fuzz target,
+    /// netlink-packet-generic 0.5.0 `PolicyAttr::parse`).
+    CtrlReply {
+        family_id: Option<u16>,
+    },
     Ipvs(GenlMessage<IpvsMessage>),
-    Undecodable { message_type: u16, reason: String },
+    Undecodable {
+        message_type: u16,
+        reason: String,
+    },
+}
+
+/// `CTRL_ATTR_FAMILY_ID` (include/uapi/linux/genetlink.h).
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+
+fn decode_ctrl_reply(payload: &[u8]) -> Result<Option<u16>, String> {
+    GenlHeader::parse(payload).map_err(|e| e.to_string())?;
+    let attrs = payload.get(4..).unwrap_or_default();
+    for nla in NlasIterator::new(attrs) {
+        let nla = nla.map_err(|e| e.to_string())?;
+        if nla.kind() == CTRL_ATTR_FAMILY_ID {
+            let v = <[u8; 2]>::try_from(nla.value())
+                .map_err(|_| format!("CTRL_ATTR_FAMILY_ID has {} bytes", nla.value().len()))?;
+            return Ok(Some(u16::from_ne_bytes(v)));
+        }
+    }
+    Ok(None)
 }
 
 impl NetlinkSerializable for GenlPacket {
     fn message_type(&self) -> u16 {
         match self {
-            Self::Ctrl(m) => m.message_type(),
+            Self::CtrlRequest(m) => m.message_type(),
+            Self::CtrlReply { .. } => GENL_ID_CTRL,
             Self::Ipvs(m) => m.message_type(),
             Self::Undecodable { message_type, .. } => *message_type,
         }
@@ -114,17 +142,17 @@ impl NetlinkSerializable for GenlPacket {
 
     fn buffer_len(&self) -> usize {
         match self {
-            Self::Ctrl(m) => NetlinkSerializable::buffer_len(m),
+            Self::CtrlRequest(m) => NetlinkSerializable::buffer_len(m),
             Self::Ipvs(m) => NetlinkSerializable::buffer_len(m),
-            Self::Undecodable { .. } => 0,
+            Self::CtrlReply { .. } | Self::Undecodable { .. } => 0,
         }
     }
 
     fn serialize(&self, buffer: &mut [u8]) {
         match self {
-            Self::Ctrl(m) => m.serialize(buffer),
+            Self::CtrlRequest(m) => m.serialize(buffer),
             Self::Ipvs(m) => m.serialize(buffer),
-            Self::Undecodable { .. } => {}
+            Self::CtrlReply { .. } | Self::Undecodable { .. } => {}
         }
     }
 }
@@ -134,13 +162,15 @@ impl NetlinkDeserializable for GenlPacket {
 
     fn deserialize(header: &NetlinkHeader, payload: &[u8]) -> Result<Self, Self::Error> {
         let parsed = if header.message_type == GENL_ID_CTRL {
-            GenlMessage::<GenlCtrl>::deserialize(header, payload).map(Self::Ctrl)
+            decode_ctrl_reply(payload).map(|family_id| Self::CtrlReply { family_id })
         } else {
-            GenlMessage::<IpvsMessage>::deserialize(header, payload).map(Self::Ipvs)
+            GenlMessage::<IpvsMessage>::deserialize(header, payload)
+                .map(Self::Ipvs)
+                .map_err(|e| e.to_string())
         };
-        Ok(parsed.unwrap_or_else(|e| Self::Undecodable {
+        Ok(parsed.unwrap_or_else(|reason| Self::Undecodable {
             message_type: header.message_type,
-            reason: e.to_string(),
+            reason,
         }))
     }
 }
@@ -179,7 +209,8 @@ impl PendingReply {
         while let Some(msg) = stream.next().await {
             match msg.payload {
                 NetlinkPayload::InnerMessage(GenlPacket::Ipvs(m)) => out.push(m.payload),
-                NetlinkPayload::InnerMessage(GenlPacket::Ctrl(_)) => {}
+                NetlinkPayload::InnerMessage(GenlPacket::CtrlRequest(_))
+                | NetlinkPayload::InnerMessage(GenlPacket::CtrlReply { .. }) => {}
                 NetlinkPayload::InnerMessage(GenlPacket::Undecodable { reason, .. }) => {
                     failure.get_or_insert(IpvsError::Decode {
                         op: op.clone(),
@@ -452,7 +483,7 @@ async fn resolve_family(handle: &ConnectionHandle<GenlPacket>) -> Result<u16, Ip
         )],
     });
     genl.finalize();
-    let mut nl = NetlinkMessage::from(GenlPacket::Ctrl(genl));
+    let mut nl = NetlinkMessage::from(GenlPacket::CtrlRequest(genl));
     nl.header.flags = NLM_F_REQUEST;
     nl.finalize();
     let mut stream = handle
@@ -462,11 +493,8 @@ async fn resolve_family(handle: &ConnectionHandle<GenlPacket>) -> Result<u16, Ip
     let mut failure = None;
     while let Some(msg) = stream.next().await {
         match msg.payload {
-            NetlinkPayload::InnerMessage(GenlPacket::Ctrl(m)) => {
-                family = family.or(m.payload.nlas.iter().find_map(|a| match a {
-                    GenlCtrlAttrs::FamilyId(id) => Some(*id),
-                    _ => None,
-                }));
+            NetlinkPayload::InnerMessage(GenlPacket::CtrlReply { family_id }) => {
+                family = family.or(family_id);
             }
             NetlinkPayload::InnerMessage(GenlPacket::Undecodable { reason, .. }) => {
                 failure.get_or_insert(IpvsError::Decode {

@@ -506,6 +506,36 @@ fn undecodable_reply_is_kept_not_dropped() {
     ));
 }
 
+#[test]
+fn controller_replies_are_reduced_to_the_family_id() {
+    #[rustfmt::skip]
+    let reply: &[u8] = &[
+        0x24, 0, 0, 0, 0x10, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, // nlmsghdr, type GENL_ID_CTRL
+        0x01, 0x02, 0x00, 0x00,                         // CTRL_CMD_NEWFAMILY, version 2
+        0x06, 0x00, 0x01, 0x00, 0x23, 0x00, 0x00, 0x00, // CTRL_ATTR_FAMILY_ID 0x23
+        0x09, 0x00, 0x02, 0x00, b'I', b'P', b'V', b'S', 0x00, 0, 0, 0, // FAMILY_NAME "IPVS"
+    ];
+    let m = NetlinkMessage::<GenlPacket>::deserialize(&reply[..0x24]).unwrap();
+    assert_eq!(
+        m.payload,
+        NetlinkPayload::InnerMessage(GenlPacket::CtrlReply {
+            family_id: Some(0x23)
+        })
+    );
+}
+
+/// Found by fuzz/fuzz_targets/decode.rs: a controller message whose CTRL_ATTR_POLICY is empty
+/// made netlink-packet-generic's parser index out of bounds. We no longer use that parser.
+#[test]
+fn fuzz_regression_ctrl_policy_panic() {
+    #[rustfmt::skip]
+    let crash: &[u8] = &[
+        0x18, 0x00, 0x00, 0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x0c, 0x4e, 0x80, 0x00, 0x00, 0x40,
+        0x0d, 0x04, 0x00, 0x08, 0x00, 0x04, 0x00, 0x08, 0x00, 0x00, 0x00,
+    ];
+    let _ = NetlinkMessage::<GenlPacket>::deserialize(crash);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Robustness: random and mutated inputs must give Ok or Err, never a panic.
 
