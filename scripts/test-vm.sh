@@ -14,10 +14,22 @@ for line in sys.stdin:
         print(m["executable"])')
 [ -n "$kernel_tests" ] || { echo "test-vm: could not build ipvs/tests/kernel.rs" >&2; exit 1; }
 $CARGO build -q -p ipvs --example ipvs-smoke
-smoke=target/debug/examples/ipvs-smoke
+smoke=${CARGO_TARGET_DIR:-target}/debug/examples/ipvs-smoke
+
+# The guest mounts its own tmpfs on /tmp, /run and /var/tmp: a checkout (or target dir) under
+# those is invisible there. Stage the two binaries where the guest sees the host's files.
+stage=/var/cache/vpn-router-vm/$$
+mkdir -p "$stage"
+trap 'rm -rf "$stage"' EXIT
+cp "$kernel_tests" "$stage/ipvs-kernel-tests"
+cp "$smoke" "$stage/ipvs-smoke"
+kernel_tests=$stage/ipvs-kernel-tests
+smoke=$stage/ipvs-smoke
+repo=$(pwd)
 
 echo "test-vm: running the IPVS kernel tests in a VM (Debian linux-image-6.12-amd64, qemu TCG)"
-bash tests/vm/run.sh --timeout 900 -- sh -c "
+cd "$stage"
+bash "$repo/tests/vm/run.sh" --timeout 900 -- sh -c "
   set -e
   echo '== ipvs kernel tests'; '$kernel_tests' --ignored --test-threads=1
   echo '== ipvs-smoke'; '$smoke'
