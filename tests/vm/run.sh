@@ -133,13 +133,20 @@ echo "vm: serial log: $log" >&2
 t0=$EPOCHREALTIME
 "${qemu[@]}" </dev/null >>"$log" 2>&1 &
 qpid=$!
+# The watchdog: one subshell that takes its sleep along when stopped, and holds none of our
+# output descriptors (a stray `sleep` would keep a caller's pipe open until it ends).
 (
-    sleep "$timeout"
+    trap 'kill "$s" 2>/dev/null; exit 0' TERM
+    sleep "$timeout" &
+    s=$!
+    wait "$s"
     touch "$rundir/timed-out"
     kill -TERM "$qpid" 2>/dev/null
-    sleep 5
+    sleep 5 &
+    s=$!
+    wait "$s"
     kill -KILL "$qpid" 2>/dev/null
-) &
+) </dev/null >/dev/null 2>&1 &
 wpid=$!
 
 # Stream the command's part of the console: between the begin marker and the exit marker.
