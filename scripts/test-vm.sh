@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
+# The kernel/initramfs cache must be visible in the guest too, so not under /tmp.
+export VM_CACHE=${VM_CACHE:-/var/cache/vpn-router-vm/cache}
 
 # The test binary's path comes from cargo's JSON messages: it has a hash in its name.
 kernel_tests=$($CARGO test -p ipvs --test kernel --no-run --message-format=json 2>/dev/null \
