@@ -3,8 +3,9 @@
 #
 #   tests/vm/run.sh [--timeout SECS] [--mem MB] [--smp N] [--env K=V]... [--log FILE] -- COMMAND...
 #
-# The guest sees the host's root filesystem read-only (9p) with tmpfs on /tmp, /run, /var/tmp and
-# /dev/shm, runs COMMAND as root in the caller's working directory (same path), and powers off.
+# The guest sees the host's root filesystem read-only (9p); /tmp and /var/tmp show the host's
+# files but take writes into a tmpfs (overlay), /run and /dev/shm are empty tmpfs. It runs
+# COMMAND as root in the caller's working directory (same path), and powers off.
 # The command's output is streamed to stdout; the whole serial console goes to a log file whose
 # path is printed on stderr. Exit status: the command's, 124 when the timeout killed the VM, 125
 # when the harness itself failed (kernel/initramfs/qemu/boot).
@@ -59,16 +60,16 @@ command -v tail >/dev/null 2>&1 || die "tail not found; install the Debian packa
 # Paths the guest hides behind its own mounts, so host files there are not visible inside.
 hidden_in_guest() {
     case "$1/" in
-    /tmp/* | /run/* | /var/tmp/* | /var/run/* | /proc/* | /sys/* | /dev/*) return 0 ;;
+    /run/* | /var/run/* | /proc/* | /sys/* | /dev/*) return 0 ;;
     *) return 1 ;;
     esac
 }
 cwd=$(pwd -P)
 hidden_in_guest "$cwd" &&
-    die "the working directory $cwd is not visible in the guest (it mounts its own tmpfs/proc/sys/dev there); run from elsewhere"
+    die "the working directory $cwd is not visible in the guest (it mounts its own /run, /proc, /sys, /dev); run from elsewhere"
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd -P)
-hidden_in_guest "$cache" && die "VM_CACHE=$cache is not visible in the guest; put it outside /tmp, /run, /var/tmp"
+hidden_in_guest "$cache" && die "VM_CACHE=$cache is not visible in the guest; put it outside /run, /proc, /sys, /dev"
 [[ "$cache" != *[[:space:]]* ]] || die "VM_CACHE=$cache contains whitespace; the kernel command line cannot carry it"
 
 # Kernel + initramfs (cached; built on first use).

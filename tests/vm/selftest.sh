@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The VM harness's own checks (two boots, about 20 s):
 #  1. IPVS works in the guest: ipvsadm creates an mh service with both scheduler flags and reads
-#     it back as `mh (mh-fallback,mh-port)`; the guest's host root is read-only, /tmp is
-#     writable, the working directory and --env reach the command, the exit status comes back.
+#     it back as `mh (mh-fallback,mh-port)`; the guest's host root is read-only, /tmp shows the
+#     host's files and takes writes that stay in the guest, the working directory and --env reach
+#     the command, the exit status comes back.
 #  2. --timeout kills a command that does not finish, with status 124.
 set -euo pipefail
 
@@ -17,10 +18,12 @@ check() { # check DESCRIPTION CONDITION...
 
 cd "$repo"
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+probe=$(mktemp -d /tmp/vm-selftest.XXXXXX)
+echo "from the host" >"$probe/host-file"
+trap 'rm -rf "$out" "$probe"' EXIT
 
 set +e
-"$here/run.sh" --timeout 300 --env SELFTEST_VALUE="a 'quoted' \$value" -- sh -c '
+"$here/run.sh" --timeout 300 --env SELFTEST_VALUE="a 'quoted' \$value" --env SELFTEST_PROBE="$probe" -- sh -c '
     set -e
     ipvsadm -A -t 10.255.0.1:80 -s mh -b mh-fallback,mh-port
     ipvsadm -a -t 10.255.0.1:80 -r 10.255.1.1:80 -m
@@ -30,6 +33,8 @@ set +e
     echo "kernel=$(uname -r)"
     if touch /etc/vm-selftest 2>/dev/null; then echo "root=writable"; else echo "root=read-only"; fi
     echo x >/tmp/vm-selftest && echo "tmp=writable"
+    echo "probe=$(cat "$SELFTEST_PROBE/host-file")"
+    echo guest >"$SELFTEST_PROBE/guest-file"
     exit 3
 ' | tee "$out"
 status=${PIPESTATUS[0]}
@@ -42,6 +47,8 @@ check "--env value arrives unchanged" grep -qxF "env=a 'quoted' \$value" "$out"
 check "guest runs the Debian kernel" grep -qE "^kernel=6\.12\." "$out"
 check "host root is read-only" grep -qxF "root=read-only" "$out"
 check "/tmp is writable" grep -qxF "tmp=writable" "$out"
+check "the host's /tmp files are visible" grep -qxF "probe=from the host" "$out"
+check "guest writes to /tmp stay in the guest" test ! -e "$probe/guest-file"
 
 set +e
 start=$SECONDS
