@@ -58,13 +58,13 @@ stamp="$root/.unpacked"
 if [[ -f "$stamp" ]]; then
     : # already unpacked
 else
-    deb=$(ls "$cache/debs/${pkg}_"*.deb 2>/dev/null | grep -F "_${version//:/%3a}_" | head -n1 || true)
-    if [[ -z "$deb" ]]; then
+    # apt-get download names the file <pkg>_<version, ':' as %3a>_<arch>.deb
+    deb="$cache/debs/${pkg}_${version//:/%3a}_amd64.deb"
+    if [[ ! -s "$deb" ]]; then
         log "downloading $pkg $version (about 100 MB) into $cache/debs"
         (cd "$cache/debs" && apt-get -q -o APT::Sandbox::User=root download "$pkg=$version") ||
             die "apt-get download $pkg=$version failed; run 'apt-get update' and check network access"
-        deb=$(ls "$cache/debs/${pkg}_"*.deb 2>/dev/null | grep -F "_${version//:/%3a}_" | head -n1 || true)
-        [[ -n "$deb" ]] || die "apt-get download reported success but no $pkg .deb is in $cache/debs"
+        [[ -s "$deb" ]] || die "apt-get download reported success but $deb is not there"
     fi
     log "unpacking $deb"
     rm -rf "$root.tmp"

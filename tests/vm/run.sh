@@ -83,9 +83,10 @@ mkdir -p "$cache/runs" "$cache/logs"
 rundir=$(mktemp -d "$cache/runs/run.XXXXXX")
 qpid=""
 wpid=""
+# shellcheck disable=SC2317 # called from the EXIT trap
 cleanup() {
-    [[ -n "$wpid" ]] && kill "$wpid" 2>/dev/null
-    [[ -n "$qpid" ]] && kill -KILL "$qpid" 2>/dev/null
+    if [[ -n "$wpid" ]]; then kill "$wpid" 2>/dev/null || true; fi
+    if [[ -n "$qpid" ]]; then kill -KILL "$qpid" 2>/dev/null || true; fi
     rm -rf "$rundir"
 }
 trap cleanup EXIT
@@ -168,7 +169,7 @@ stream() {
             # guest-init prints one newline before the marker (in case the command's output
             # did not end with one); hold back an empty line until we know what follows.
             if [[ "$line" =~ ^VM-EXIT-STATUS=([0-9]+)\ token=$token$ ]]; then
-                state=done
+                state=finished
             elif [[ -z "$line" ]]; then
                 ((held += 1))
             else
@@ -176,7 +177,7 @@ stream() {
                 printf '%s\n' "$line"
             fi
             ;;
-        done) ;;
+        finished) ;;
         esac
     done
 }

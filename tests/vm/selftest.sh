@@ -23,6 +23,7 @@ echo "from the host" >"$probe/host-file"
 trap 'rm -rf "$out" "$probe"' EXIT
 
 set +e
+# shellcheck disable=SC2016 # expanded by the guest's shell
 "$here/run.sh" --timeout 300 --env SELFTEST_VALUE="a 'quoted' \$value" --env SELFTEST_PROBE="$probe" -- sh -c '
     set -e
     ipvsadm -A -t 10.255.0.1:80 -s mh -b mh-fallback,mh-port

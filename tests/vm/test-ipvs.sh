@@ -41,6 +41,7 @@ smoke=$(executable_for "$repo/ipvs/examples/ipvs-smoke.rs" <<<"$json")
 # In the guest: the smoke example first, then the kernel tests one at a time (they share the one
 # kernel IPVS table unless they isolate themselves), all in the ipvs package directory as
 # `cargo test` would. Both always run; the status says whether either failed.
+# shellcheck disable=SC2016 # expanded by the guest's shell
 guest='
 rc=0
 echo "=== ipvs-smoke: $1"
