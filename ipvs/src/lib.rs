@@ -12,9 +12,11 @@
 pub mod client;
 pub mod codec;
 pub mod errno;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
 
 pub use client::{IpvsClient, IpvsError};
+pub use metrics::IpvsMetrics;
 pub use model::*;
 pub use reconcile::{apply, plan, DesiredService, KernelService, Op, Reconciler};

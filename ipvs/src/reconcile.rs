@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 
 use crate::client::{describe, IpvsClient, IpvsError, PendingReply};
 use crate::codec::IpvsMessage;
+use crate::metrics::{op_label, ChangeLabels, IpvsMetrics, PassLabels};
 use crate::model::{Destination, ForwardMethod, Service, ServiceKey, Tunnel, TunnelType};
 
 /// A service and its destinations as they should be.
@@ -191,6 +192,8 @@ pub fn plan(
 /// An operation the kernel refused (or that could not be sent).
 #[derive(Debug)]
 pub struct OpError {
+    /// Position of the operation in the applied list.
+    pub index: usize,
     pub op: Op,
     pub error: IpvsError,
 }
@@ -208,28 +211,36 @@ pub async fn apply(client: &IpvsClient, ops: &[Op]) -> Vec<OpError> {
         match op.start(client) {
             Ok(p) => in_flight.push_back((i, p)),
             Err(error) => errors.push(OpError {
+                index: i,
                 op: op.clone(),
                 error,
             }),
         }
         if in_flight.len() >= WINDOW {
             if let Some((j, p)) = in_flight.pop_front() {
-                settle(&ops[j], p.finish().await, &mut errors);
+                settle(j, &ops[j], p.finish().await, &mut errors);
             }
         }
     }
     while let Some((j, p)) = in_flight.pop_front() {
-        settle(&ops[j], p.finish().await, &mut errors);
+        settle(j, &ops[j], p.finish().await, &mut errors);
     }
+    errors.sort_by_key(|e| e.index);
     errors
 }
 
-fn settle(op: &Op, result: Result<Vec<IpvsMessage>, IpvsError>, errors: &mut Vec<OpError>) {
+fn settle(
+    index: usize,
+    op: &Op,
+    result: Result<Vec<IpvsMessage>, IpvsError>,
+    errors: &mut Vec<OpError>,
+) {
     match result {
         Ok(_) => tracing::debug!(op = %op, "ipvs change applied"),
         Err(error) => {
             tracing::warn!(error = %error, "ipvs change failed");
             errors.push(OpError {
+                index,
                 op: op.clone(),
                 error,
             });
@@ -291,6 +302,7 @@ pub struct ReconcileOutcome {
 pub struct Reconciler<F> {
     client: IpvsClient,
     owned: F,
+    metrics: Option<IpvsMetrics>,
 }
 
 impl<F> fmt::Debug for Reconciler<F> {
@@ -303,7 +315,17 @@ impl<F> fmt::Debug for Reconciler<F> {
 
 impl<F: Fn(&ServiceKey) -> bool> Reconciler<F> {
     pub fn new(client: IpvsClient, owned: F) -> Self {
-        Self { client, owned }
+        Self {
+            client,
+            owned,
+            metrics: None,
+        }
+    }
+
+    /// Counts every write and pass in `metrics` (register them with `IpvsMetrics::register`).
+    pub fn with_metrics(mut self, metrics: IpvsMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn client(&self) -> &IpvsClient {
@@ -316,19 +338,60 @@ impl<F: Fn(&ServiceKey) -> bool> Reconciler<F> {
         &self,
         desired: &[DesiredService],
     ) -> Result<ReconcileOutcome, IpvsError> {
-        let current = dump(&self.client, &self.owned).await?;
+        let started = tokio::time::Instant::now();
+        let current = match dump(&self.client, &self.owned).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.count_pass("dump_error");
+                return Err(e);
+            }
+        };
         let ops = plan(desired, &current, &self.owned);
-        if ops.is_empty() {
-            return Ok(ReconcileOutcome::default());
+        let errors = if ops.is_empty() {
+            Vec::new()
+        } else {
+            apply(&self.client, &ops).await
+        };
+        if !ops.is_empty() {
+            tracing::info!(
+                changes = ops.len(),
+                failed = errors.len(),
+                services = desired.len(),
+                "ipvs reconciled"
+            );
         }
-        let errors = apply(&self.client, &ops).await;
-        tracing::info!(
-            changes = ops.len(),
-            failed = errors.len(),
-            services = desired.len(),
-            "ipvs reconciled"
-        );
+        if let Some(m) = &self.metrics {
+            let failed: std::collections::HashSet<usize> = errors.iter().map(|e| e.index).collect();
+            for (i, op) in ops.iter().enumerate() {
+                let result = if failed.contains(&i) { "error" } else { "ok" };
+                m.changes
+                    .get_or_create(&ChangeLabels {
+                        op: op_label(op),
+                        result,
+                    })
+                    .inc();
+            }
+            let owned: Vec<&DesiredService> = desired
+                .iter()
+                .filter(|d| (self.owned)(&d.service.key))
+                .collect();
+            m.services.set(owned.len() as i64);
+            m.destinations
+                .set(owned.iter().map(|d| d.destinations.len() as i64).sum());
+            m.last_pass_seconds.set(started.elapsed().as_secs_f64());
+        }
+        self.count_pass(if errors.is_empty() {
+            "ok"
+        } else {
+            "write_errors"
+        });
         Ok(ReconcileOutcome { ops, errors })
+    }
+
+    fn count_pass(&self, result: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.passes.get_or_create(&PassLabels { result }).inc();
+        }
     }
 }
 
