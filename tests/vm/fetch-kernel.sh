@@ -37,6 +37,21 @@ mkdir -p "$cache/debs" "$cache/kernel"
 exec 9>"$cache/.kernel.lock"
 flock 9
 
+# Fast path: the kernel resolved last time is unpacked and apt's lists have not changed since
+# (apt-get update rewrites /var/lib/apt/lists), so resolving again would give the same answer.
+lists_mtime=$(stat -c %Y /var/lib/apt/lists 2>/dev/null || echo 0)
+if [[ -f "$cache/kernel.env" ]]; then
+    prev=$(
+        # shellcheck source=/dev/null
+        . "$cache/kernel.env"
+        if [[ "${KERNEL_META:-}" == "$meta" && "${APT_LISTS_MTIME:-}" == "$lists_mtime" &&
+            -f "${KERNEL_ROOT:-/nonexistent}/.unpacked" && -f "${VMLINUZ:-/nonexistent}" ]]; then
+            echo fresh
+        fi
+    )
+    [[ "$prev" == fresh ]] && exit 0
+fi
+
 # 1. Resolve the meta package to the versioned image package it depends on
 #    (linux-image-6.12-amd64 -> linux-image-6.12.117+deb12-amd64, signed or -unsigned).
 if ! apt-cache show "$meta" >/dev/null 2>&1; then
@@ -93,6 +108,8 @@ KERNEL_ROOT=$root
 VMLINUZ=$vmlinuz
 KERNEL_PKG=$pkg
 KERNEL_PKG_VERSION=$version
+KERNEL_META=$meta
+APT_LISTS_MTIME=$lists_mtime
 EOF
 mv "$cache/kernel.env.tmp" "$cache/kernel.env"
 [[ -n "${VM_VERBOSE:-}" ]] && log "kernel $kver ready: $vmlinuz"
