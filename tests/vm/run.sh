@@ -155,8 +155,12 @@ wpid=$!
 # awk, not a bash read loop: bash reads a pipe one byte per syscall, which costs a core on
 # large outputs. guest-init prints one newline before the exit marker (in case the command's
 # output did not end with one), so an empty line is held back until we know what follows.
+awk_stream=(awk)
+# mawk (Debian's default awk) fills its input buffer before it looks at a line unless told not to.
+if awk -W version 2>&1 | grep -q mawk; then awk_stream=(awk -W interactive); fi
+# shellcheck disable=SC2016 # the awk program is single-quoted on purpose
 stream() {
-    awk -v token="$token" -v tbegin="$rundir/t-begin" -v verbose="${VM_VERBOSE:-}" '
+    "${awk_stream[@]}" -v token="$token" -v tbegin="$rundir/t-begin" -v verbose="${VM_VERBOSE:-}" '
         { sub(/\r$/, "") }
         state == "" {
             if ($0 == "VM-CMD-BEGIN token=" token) {
