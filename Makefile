@@ -41,7 +41,8 @@ test-cargo:
 	$(CARGO) test --workspace -- --test-threads=$(TEST_THREADS)
 
 test-vm:
-	bash scripts/test-vm.sh
+	bash tests/vm/selftest.sh
+	bash tests/vm/test-ipvs.sh
 
 test: deps lint test-cargo test-vm
 	@echo "make test: all tiers passed"
