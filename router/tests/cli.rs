@@ -363,7 +363,16 @@ fn metrics_pass_promtool() {
     let (code, metrics) = d.get("/metrics");
     assert_eq!(code, 200);
     assert!(metrics.contains("vpn_router_build_info{"), "{metrics}");
-    let mut child = Command::new(&promtool)
+    let (ok, report) = promtool_check(&promtool, &metrics);
+    assert!(
+        ok,
+        "promtool check metrics failed:\n{report}\n--- metrics ---\n{metrics}"
+    );
+}
+
+/// Runs `promtool check metrics` on `text`: (exit status ok, its stdout+stderr).
+fn promtool_check(promtool: &Path, text: &str) -> (bool, String) {
+    let mut child = Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -374,15 +383,57 @@ fn metrics_pass_promtool() {
         .stdin
         .take()
         .unwrap()
-        .write_all(metrics.as_bytes())
+        .write_all(text.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- metrics ---\n{metrics}",
+    let report = format!(
+        "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    (out.status.success(), report)
+}
+
+/// The gateway engine's metric families with samples in every family, through the same
+/// OpenMetrics → Prometheus text conversion /metrics uses (the daemon test above only sees
+/// the families the running config fills).
+#[test]
+fn gateway_metrics_with_samples_pass_promtool() {
+    use gateway_route_manager::metrics::{
+        CheckLabels, FailureLabels, GatewayLabels, Metrics, ObjectLabels,
+    };
+    let promtool = promtool();
+    let metrics = Metrics::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let gw = GatewayLabels {
+        gateway: "192.168.25.128".into(),
+    };
+    metrics.gateway_healthy.get_or_create(&gw).set(1);
+    metrics.probe_rtt.get_or_create(&gw).set(0.0123);
+    metrics.gateways_healthy.set(1);
+    metrics.egress_reconcile_errors.inc();
+    let failure = FailureLabels {
+        gateway: "192.168.25.128".into(),
+        reason: "timeout".into(),
+    };
+    metrics.check_failures.get_or_create(&failure).inc();
+    metrics
+        .check_duration
+        .get_or_create(&CheckLabels {
+            check: "probe".into(),
+        })
+        .observe(0.02);
+    metrics
+        .egress_changes
+        .get_or_create(&ObjectLabels {
+            object: "route".into(),
+        })
+        .inc();
+    let text =
+        vpn_router::metrics::to_prometheus_text(&vpn_router::metrics::encode(&registry).unwrap());
+    let (ok, report) = promtool_check(&promtool, &text);
+    assert!(ok && report.trim().is_empty(), "promtool: {report}\n{text}");
 }
 
 /// A network namespace for one test; deleted (with its processes) on drop.
