@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use prometheus_client::registry::Registry;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
@@ -43,7 +42,6 @@ pub enum StartError {
 pub struct Supervisor {
     path: PathBuf,
     config: Arc<Config>,
-    config_tx: watch::Sender<Arc<Config>>,
     board: Arc<StatusBoard>,
     metrics: Arc<DaemonMetrics>,
     level: Option<LevelHandle>,
@@ -78,13 +76,11 @@ impl Supervisor {
         metrics.last_reload_success.set(now);
         let board = StatusBoard::new(path.display().to_string(), now);
         let config = Arc::new(loaded.config);
-        let (config_tx, _) = watch::channel(config.clone());
         let shutdown = CancellationToken::new();
         let engines = Engines::new(board.clone(), registry, shutdown.clone());
         let s = Self {
             path: path.to_path_buf(),
             config,
-            config_tx,
             board,
             metrics,
             level,
@@ -94,19 +90,6 @@ impl Supervisor {
         };
         s.publish_components();
         Ok(s)
-    }
-
-    pub fn board(&self) -> Arc<StatusBoard> {
-        self.board.clone()
-    }
-
-    pub fn config(&self) -> Arc<Config> {
-        self.config.clone()
-    }
-
-    /// Components receive every accepted config through this channel.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Config>> {
-        self.config_tx.subscribe()
     }
 
     /// Lists the configured components in /status. This build parses and validates every
@@ -184,7 +167,6 @@ impl Supervisor {
                 }
                 self.config = new.clone();
                 self.engines.apply(&new);
-                self.config_tx.send_replace(new);
                 self.publish_components();
                 let now = unix_now();
                 self.metrics
