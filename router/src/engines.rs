@@ -56,7 +56,10 @@ impl Engines {
     /// stops removed ones. Must run inside the tokio runtime.
     pub fn apply(&mut self, config: &Config) {
         match &config.gateways {
-            None => self.gateways = None,
+            None => {
+                self.gateways = None;
+                self.board.remove("gateways");
+            }
             Some(g) => {
                 let section = serde_json::to_value(g).unwrap_or_default();
                 if self.gateways.as_ref().is_some_and(|r| r.section == section) {

@@ -92,19 +92,15 @@ impl Supervisor {
         Ok(s)
     }
 
-    /// Lists the configured components in /status. This build parses and validates every
-    /// section, but runs no engine yet: those are listed as `not_built` with the config they
-    /// would run, so an operator sees exactly what is and is not in force.
+    /// Lists the configured components whose engine this build does not have in /status, as
+    /// `not_built` with the config they would run, so an operator sees exactly what is and is
+    /// not in force. Built engines (see `engines`) publish their own entries.
     fn publish_components(&self) {
         let c = &self.config;
-        let sections: [(&str, Option<serde_json::Value>); 4] = [
+        let sections: [(&str, Option<serde_json::Value>); 3] = [
             (
                 "vrrp",
                 (!c.vrrp.is_empty()).then(|| serde_json::json!({ "instances": c.vrrp })),
-            ),
-            (
-                "gateways",
-                c.gateways.as_ref().map(|g| serde_json::json!(g)),
             ),
             ("ingress", c.ingress.as_ref().map(|i| serde_json::json!(i))),
             ("ddns", c.ddns.as_ref().map(|d| serde_json::json!(d))),

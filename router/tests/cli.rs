@@ -545,9 +545,28 @@ fn daemon_in_a_netns_sets_its_sysctls_and_never_shows_secrets() {
     };
     let forward = sysctl("net.ipv4.ip_forward");
     let policy = sysctl("net.ipv4.fib_multipath_hash_policy");
+    // A reload of an unchanged gateways section keeps the running engine on the board.
+    let _ = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status();
+    let mut after_reload = serde_json::Value::Null;
+    for _ in 0..200 {
+        let out = status();
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            if v["daemon"]["reloads_ok"] == 1 {
+                after_reload = v;
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
     let _ = child.kill();
     let _ = child.wait();
     let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        after_reload["components"]["gateways"]["state"], "running",
+        "{after_reload}\n{log}"
+    );
     assert!(
         !body.is_empty(),
         "daemon never answered /status; log:\n{log}"
