@@ -17,7 +17,7 @@ use crate::config::{self, Config, Loaded};
 use crate::engines::Engines;
 use crate::logging::LevelHandle;
 use crate::metrics::{DaemonMetrics, ReloadLabels};
-use crate::status::{ComponentState, ComponentStatus, StatusBoard};
+use crate::status::StatusBoard;
 use crate::sysctl;
 
 /// Unix time for the reload timestamp metric and /status. The one wall-clock read of the
@@ -50,6 +50,10 @@ pub struct Supervisor {
     shutdown: CancellationToken,
 }
 
+/// How long the engines get to stop at SIGTERM (VRRP handoff). Below Kubernetes' default
+/// terminationGracePeriodSeconds (30 s).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Where the kernel's sysctls live; tests point this at a scratch directory.
 pub const PROC_SYS: &str = "/proc/sys";
 
@@ -77,8 +81,8 @@ impl Supervisor {
         let board = StatusBoard::new(path.display().to_string(), now);
         let config = Arc::new(loaded.config);
         let shutdown = CancellationToken::new();
-        let engines = Engines::new(board.clone(), registry, shutdown.clone());
-        let s = Self {
+        let engines = Engines::new(board.clone(), registry);
+        Ok(Self {
             path: path.to_path_buf(),
             config,
             board,
@@ -87,37 +91,7 @@ impl Supervisor {
             sysctl_root: sysctl_root.to_path_buf(),
             engines,
             shutdown,
-        };
-        s.publish_components();
-        Ok(s)
-    }
-
-    /// Lists the configured components whose engine this build does not have in /status, as
-    /// `not_built` with the config they would run, so an operator sees exactly what is and is
-    /// not in force. Built engines (see `engines`) publish their own entries.
-    fn publish_components(&self) {
-        let c = &self.config;
-        let sections: [(&str, Option<serde_json::Value>); 3] = [
-            (
-                "vrrp",
-                (!c.vrrp.is_empty()).then(|| serde_json::json!({ "instances": c.vrrp })),
-            ),
-            ("ingress", c.ingress.as_ref().map(|i| serde_json::json!(i))),
-            ("ddns", c.ddns.as_ref().map(|d| serde_json::json!(d))),
-        ];
-        for (name, detail) in sections {
-            match detail {
-                Some(detail) => self.board.set(
-                    name,
-                    ComponentStatus {
-                        state: ComponentState::NotBuilt,
-                        ready: false,
-                        detail: serde_json::json!({ "configured": detail }),
-                    },
-                ),
-                None => self.board.remove(name),
-            }
-        }
+        })
     }
 
     /// Re-reads the config file. On any error the running config stays as it is.
@@ -163,7 +137,6 @@ impl Supervisor {
                 }
                 self.config = new.clone();
                 self.engines.apply(&new);
-                self.publish_components();
                 let now = unix_now();
                 self.metrics
                     .config_reloads
@@ -208,9 +181,11 @@ impl Supervisor {
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             }
         }
+        // Engines first, while the api still answers: VRRP sends its priority-0 advert and
+        // keeps the VIPs until the new master is heard, then lets go.
+        self.engines.shutdown(SHUTDOWN_GRACE).await;
         shutdown.cancel();
-        // Components get a bounded time to hand over (VRRP's priority-0 advert) and clean up.
-        let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), api_task).await;
         tracing::info!("stopped");
         Ok(())
     }

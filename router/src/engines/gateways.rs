@@ -1,135 +1,95 @@
-//! Starts, restarts and stops the engines of the configured sections, and keeps their
-//! entries on the status board current. An engine is restarted only when its own section of
-//! the config changed: the engines adopt the kernel state they find, so a restart does not
-//! flap routes, and unrelated reloads do not touch them.
-//!
-//! Built engines: gateway health and egress routing (`gateway-route-manager`). Sections whose
-//! engine is not built yet stay `not_built` on the board (see `Supervisor`).
+//! The gateways engine: health checks of every gateway and egress routing over the healthy
+//! ones (`gateway-route-manager`), and the status board entry `gateways`. Its healthy set is
+//! forwarded into the daemon-wide watch in [`super::Shared`].
 
 use std::sync::Arc;
 
 use gateway_route_manager as grm;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Config, Gateways, HealthCheckKind};
+use super::Shared;
+use crate::config::{self, Gateways, HealthCheckKind};
 use crate::status::{ComponentState, ComponentStatus, StatusBoard};
 
-/// The engines of one running daemon.
-#[derive(Debug)]
-pub struct Engines {
-    board: Arc<StatusBoard>,
-    grm_metrics: grm::Metrics,
-    gateways: Option<Running>,
-    parent: CancellationToken,
-}
-
-#[derive(Debug)]
-struct Running {
-    /// The section the engine runs, compared as JSON to see whether a reload changed it.
-    section: serde_json::Value,
+/// Starts the health checker, the egress manager and the status publisher for `g`.
+pub(super) fn start(
+    g: &Gateways,
+    shared: &Shared,
+    metrics: &grm::Metrics,
+    healthy_out: &watch::Sender<grm::HealthyGateways>,
     cancel: CancellationToken,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
-impl Engines {
-    pub fn new(
-        board: Arc<StatusBoard>,
-        registry: &mut prometheus_client::registry::Registry,
-        parent: CancellationToken,
-    ) -> Self {
-        let grm_metrics = grm::Metrics::new();
-        grm_metrics.register(registry);
-        Self {
-            board,
-            grm_metrics,
-            gateways: None,
-            parent,
-        }
-    }
-
-    /// Brings the engines in line with `config`: starts new ones, restarts changed ones,
-    /// stops removed ones. Must run inside the tokio runtime.
-    pub fn apply(&mut self, config: &Config) {
-        match &config.gateways {
-            None => {
-                self.gateways = None;
-                self.board.remove("gateways");
-            }
-            Some(g) => {
-                let section = serde_json::to_value(g).unwrap_or_default();
-                if self.gateways.as_ref().is_some_and(|r| r.section == section) {
-                    return;
-                }
-                // Stop the old engine first: two reconcilers on one table would fight.
-                self.gateways = None;
-                match self.start_gateways(g) {
-                    Ok(cancel) => self.gateways = Some(Running { section, cancel }),
-                    Err(e) => {
-                        tracing::error!(error = %e, "gateways: cannot start");
-                        self.board.set(
-                            "gateways",
-                            ComponentStatus {
-                                state: ComponentState::Degraded,
-                                ready: false,
-                                detail: serde_json::json!({ "error": e }),
-                            },
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    fn start_gateways(&self, g: &Gateways) -> Result<CancellationToken, String> {
-        let cancel = self.parent.child_token();
-        let (checker, healthy_rx) =
-            grm::HealthChecker::new(health_settings(g), self.grm_metrics.clone())
-                .map_err(|e| format!("gateways.health: {e}"))?;
-        let status_rx = checker.status();
-        tokio::spawn(checker.run(cancel.clone()));
-        let (settings, built) = egress_settings(g);
-        let manager = grm::EgressManager::new(settings, self.grm_metrics.clone())
-            .map_err(|e| format!("gateways.egress: {e}"))?;
-        let ready = manager.first_reconcile_done();
-        if built {
-            tokio::spawn(manager.run(healthy_rx.clone(), cancel.clone()));
-        } else {
-            // A mode whose engine is not built must still never leak: run the egress manager
-            // on an always-empty healthy set, so only the kill switch is installed.
-            tracing::error!("gateways.egress.mode consistent: engine not built yet (issue 8); installing the kill switch only, client traffic to the Internet is dropped");
-            let (tx, rx) = tokio::sync::watch::channel(grm::HealthyGateways {
-                complete: true,
-                ..Default::default()
-            });
-            let keep = cancel.clone();
-            tokio::spawn(async move {
-                manager.run(rx, keep).await;
-                drop(tx);
-            });
-        }
-        let note = if built {
-            "managed"
-        } else {
-            "kill switch only: egress.mode consistent is not built yet (issue 8)"
-        };
-        tokio::spawn(publish_gateway_status(
-            self.board.clone(),
-            status_rx,
-            healthy_rx,
-            Some(ready),
-            note,
-            cancel.clone(),
+) -> Result<Vec<JoinHandle<()>>, String> {
+    let mut tasks = Vec::new();
+    let (checker, healthy_rx) = grm::HealthChecker::new(health_settings(g), metrics.clone())
+        .map_err(|e| format!("gateways.health: {e}"))?;
+    let status_rx = checker.status();
+    let (settings, built) = egress_settings(g);
+    let manager = grm::EgressManager::new(settings, metrics.clone())
+        .map_err(|e| format!("gateways.egress: {e}"))?;
+    tasks.push(tokio::spawn(checker.run(cancel.clone())));
+    tasks.push(tokio::spawn(forward(
+        healthy_rx.clone(),
+        healthy_out.clone(),
+        cancel.clone(),
+    )));
+    let ready = manager.first_reconcile_done();
+    if built {
+        tasks.push(tokio::spawn(
+            manager.run(healthy_rx.clone(), cancel.clone()),
         ));
-        tracing::info!(
-            gateways = g.addresses.value.len(),
-            "gateways: health checks and egress started"
-        );
-        Ok(cancel)
+    } else {
+        // A mode whose engine is not built must still never leak: run the egress manager
+        // on an always-empty healthy set, so only the kill switch is installed.
+        tracing::error!("gateways.egress.mode consistent: engine not built yet (issue 8); installing the kill switch only, client traffic to the Internet is dropped");
+        let (tx, rx) = watch::channel(grm::HealthyGateways {
+            complete: true,
+            ..Default::default()
+        });
+        let keep = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            manager.run(rx, keep).await;
+            drop(tx);
+        }));
+    }
+    let note = if built {
+        "managed"
+    } else {
+        "kill switch only: egress.mode consistent is not built yet (issue 8)"
+    };
+    tasks.push(tokio::spawn(publish_gateway_status(
+        shared.board.clone(),
+        status_rx,
+        healthy_rx,
+        Some(ready),
+        note,
+        cancel,
+    )));
+    tracing::info!(
+        gateways = g.addresses.value.len(),
+        "gateways: health checks and egress started"
+    );
+    Ok(tasks)
+}
+
+/// Copies this engine's healthy set into the daemon-wide watch until cancelled.
+async fn forward(
+    mut from: watch::Receiver<grm::HealthyGateways>,
+    to: watch::Sender<grm::HealthyGateways>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let now = from.borrow_and_update().clone();
+        to.send_if_modified(|cur| {
+            let changed = *cur != now;
+            *cur = now;
+            changed
+        });
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = from.changed() => if r.is_err() { return },
+        }
     }
 }
 

@@ -1,0 +1,227 @@
+//! Starts, restarts and stops the engines of the configured sections, and keeps their
+//! entries on the status board current. An engine is restarted only when its own section of
+//! the config changed: the engines adopt the kernel state they find, so a restart does not
+//! flap routes, and unrelated reloads do not touch them.
+//!
+//! Engines talk to each other only through the watches in [`Shared`], which outlive any one
+//! engine: a consumer (VRRP tracking, DDNS) keeps its receiver when the producer restarts.
+//! Each feature lives in its own file with a `start` function; this module owns none of
+//! their logic.
+
+mod gateways;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_route_manager as grm;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::status::{ComponentState, ComponentStatus, StatusBoard};
+
+/// VRRP state per instance name, as the VRRP engine last reported it.
+pub type Roles = BTreeMap<String, vrrp::State>;
+
+/// What engines share. Cloned into each engine at start.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    pub board: Arc<StatusBoard>,
+    /// The healthy gateways; the default (`complete: false`, empty) until the gateways engine
+    /// has checked every gateway once, and again when the `gateways` section is removed.
+    pub healthy: watch::Receiver<grm::HealthyGateways>,
+    /// VRRP roles by instance name; empty without VRRP.
+    pub roles: watch::Receiver<Roles>,
+}
+
+/// The senders behind [`Shared`]; held by `Engines` so the channels never close while the
+/// daemon runs.
+#[derive(Debug)]
+struct Publishers {
+    healthy: watch::Sender<grm::HealthyGateways>,
+    roles: watch::Sender<Roles>,
+}
+
+/// The engines of one running daemon.
+#[derive(Debug)]
+pub struct Engines {
+    shared: Shared,
+    publishers: Publishers,
+    grm_metrics: grm::Metrics,
+    gateways: Option<Running>,
+    /// Parent of every engine's token: cancelled once, at shutdown.
+    root: CancellationToken,
+}
+
+/// One started feature engine.
+#[derive(Debug)]
+struct Running {
+    /// The section the engine runs, compared as JSON to see whether a reload changed it.
+    section: serde_json::Value,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Engines {
+    pub fn new(
+        board: Arc<StatusBoard>,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Self {
+        let grm_metrics = grm::Metrics::new();
+        grm_metrics.register(registry);
+        let (healthy, healthy_rx) = watch::channel(grm::HealthyGateways::default());
+        let (roles, roles_rx) = watch::channel(Roles::new());
+        Self {
+            shared: Shared {
+                board,
+                healthy: healthy_rx,
+                roles: roles_rx,
+            },
+            publishers: Publishers { healthy, roles },
+            grm_metrics,
+            gateways: None,
+            root: CancellationToken::new(),
+        }
+    }
+
+    /// A handle on the shared watches (tests, the api).
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Brings the engines in line with `config`: starts new ones, restarts changed ones,
+    /// stops removed ones. Must run inside the tokio runtime.
+    pub fn apply(&mut self, config: &Config) {
+        let section = config
+            .gateways
+            .as_ref()
+            .map(|g| serde_json::to_value(g).unwrap_or_default());
+        let (shared, metrics, healthy) =
+            (&self.shared, &self.grm_metrics, &self.publishers.healthy);
+        reconcile(
+            &mut self.gateways,
+            &self.shared.board,
+            &self.root,
+            "gateways",
+            section,
+            |cancel| match &config.gateways {
+                Some(g) => gateways::start(g, shared, metrics, healthy, cancel),
+                None => Ok(Vec::new()),
+            },
+        );
+        if config.gateways.is_none() {
+            self.publishers
+                .healthy
+                .send_replace(grm::HealthyGateways::default());
+        }
+
+        let c = config;
+        not_built(
+            &self.shared.board,
+            "vrrp",
+            (!c.vrrp.is_empty()).then(|| serde_json::json!({ "instances": c.vrrp })),
+        );
+        not_built(
+            &self.shared.board,
+            "ingress",
+            c.ingress.as_ref().map(|i| serde_json::json!(i)),
+        );
+        not_built(
+            &self.shared.board,
+            "ddns",
+            c.ddns.as_ref().map(|d| serde_json::json!(d)),
+        );
+        // The roles of instances that are gone must not linger for DDNS.
+        let names: Vec<&str> = c.vrrp.iter().map(|v| v.name.value.as_str()).collect();
+        self.publishers.roles.send_if_modified(|r| {
+            let before = r.len();
+            r.retain(|k, _| names.contains(&k.as_str()));
+            r.len() != before
+        });
+    }
+
+    /// Stops every engine and waits up to `grace` for their tasks to finish (VRRP sends its
+    /// priority-0 advert and keeps the VIPs until the new master is heard).
+    pub async fn shutdown(&mut self, grace: Duration) {
+        self.root.cancel();
+        let mut tasks = Vec::new();
+        for slot in [&mut self.gateways] {
+            if let Some(mut r) = slot.take() {
+                tasks.append(&mut r.tasks);
+            }
+        }
+        let all = futures::future::join_all(tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(grace = ?grace, "engines did not stop in time; exiting anyway");
+        }
+    }
+}
+
+/// Starts, restarts or stops one feature engine so that it runs `section` (None: not
+/// configured). `start` gets the engine's own cancellation token and returns its tasks.
+fn reconcile(
+    slot: &mut Option<Running>,
+    board: &StatusBoard,
+    root: &CancellationToken,
+    name: &str,
+    section: Option<serde_json::Value>,
+    start: impl FnOnce(CancellationToken) -> Result<Vec<JoinHandle<()>>, String>,
+) {
+    let Some(section) = section else {
+        *slot = None;
+        board.remove(name);
+        return;
+    };
+    if slot.as_ref().is_some_and(|r| r.section == section) {
+        return;
+    }
+    // Stop the old engine first: two reconcilers on one kernel object would fight.
+    *slot = None;
+    let cancel = root.child_token();
+    match start(cancel.clone()) {
+        Ok(tasks) => {
+            *slot = Some(Running {
+                section,
+                cancel,
+                tasks,
+            })
+        }
+        Err(e) => {
+            cancel.cancel();
+            tracing::error!(error = %e, "{name}: cannot start");
+            board.set(
+                name,
+                ComponentStatus {
+                    state: ComponentState::Degraded,
+                    ready: false,
+                    detail: serde_json::json!({ "error": e }),
+                },
+            );
+        }
+    }
+}
+
+/// Lists a configured section whose engine this build does not have in /status, as
+/// `not_built` with the config it would run, so an operator sees exactly what is and is not
+/// in force. Does not hold readiness back.
+fn not_built(board: &StatusBoard, name: &str, configured: Option<serde_json::Value>) {
+    match configured {
+        Some(detail) => board.set(
+            name,
+            ComponentStatus {
+                state: ComponentState::NotBuilt,
+                ready: false,
+                detail: serde_json::json!({ "configured": detail }),
+            },
+        ),
+        None => board.remove(name),
+    }
+}
