@@ -327,6 +327,36 @@ impl VipSet {
     }
 }
 
+/// Removes `vips` from where an instance with `vrid` and `use_vmac` keeps them, without
+/// creating anything: for a daemon that restarts an instance with a smaller VIP set and lets
+/// the new run adopt the rest, so addresses no longer configured do not linger. Missing
+/// interfaces and addresses are fine.
+pub async fn remove_addresses(
+    nl: &Netlink,
+    vrid: u8,
+    use_vmac: bool,
+    vips: &[VirtualIp],
+) -> Result<(), VipError> {
+    for vip in vips {
+        let Some(parent) = nl.link(&vip.interface).await? else {
+            continue;
+        };
+        let target = if use_vmac {
+            match nl
+                .link(&vmac_name(vrid, Family::of(&vip.addr), parent.index))
+                .await?
+            {
+                Some(l) => l.index,
+                None => continue,
+            }
+        } else {
+            parent.index
+        };
+        nl.del_address(target, vip.addr, vip.prefix_len).await?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@
 //! their logic.
 
 mod gateways;
+mod vrrp;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +24,7 @@ use crate::config::Config;
 use crate::status::{ComponentState, ComponentStatus, StatusBoard};
 
 /// VRRP state per instance name, as the VRRP engine last reported it.
-pub type Roles = BTreeMap<String, vrrp::State>;
+pub type Roles = BTreeMap<String, ::vrrp::State>;
 
 /// What engines share. Cloned into each engine at start.
 #[derive(Debug, Clone)]
@@ -51,6 +52,7 @@ pub struct Engines {
     publishers: Publishers,
     grm_metrics: grm::Metrics,
     gateways: Option<Running>,
+    vrrp: vrrp::VrrpEngine,
     /// Parent of every engine's token: cancelled once, at shutdown.
     root: CancellationToken,
 }
@@ -77,6 +79,7 @@ impl Engines {
     ) -> Self {
         let grm_metrics = grm::Metrics::new();
         grm_metrics.register(registry);
+        let vrrp = vrrp::VrrpEngine::new(registry);
         let (healthy, healthy_rx) = watch::channel(grm::HealthyGateways::default());
         let (roles, roles_rx) = watch::channel(Roles::new());
         Self {
@@ -88,6 +91,7 @@ impl Engines {
             publishers: Publishers { healthy, roles },
             grm_metrics,
             gateways: None,
+            vrrp,
             root: CancellationToken::new(),
         }
     }
@@ -123,12 +127,10 @@ impl Engines {
                 .send_replace(grm::HealthyGateways::default());
         }
 
+        self.vrrp
+            .apply(config, &self.shared, &self.publishers.roles, &self.root);
+
         let c = config;
-        not_built(
-            &self.shared.board,
-            "vrrp",
-            (!c.vrrp.is_empty()).then(|| serde_json::json!({ "instances": c.vrrp })),
-        );
         not_built(
             &self.shared.board,
             "ingress",
@@ -158,6 +160,7 @@ impl Engines {
                 tasks.append(&mut r.tasks);
             }
         }
+        tasks.append(&mut self.vrrp.take_tasks());
         let all = futures::future::join_all(tasks);
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!(grace = ?grace, "engines did not stop in time; exiting anyway");
