@@ -5,11 +5,13 @@
 //! - [`health`]: checks, rise/fall hysteresis, the healthy set on a `watch` channel, `/status`.
 //! - [`egress`]: planner (pure), diff (pure) and the reconciler that applies them.
 //! - `netlink` (private): the only module that speaks rtnetlink.
+//! - [`ddns`]: one DNS name for the public IPs of the healthy gateways (rfc2136, cloudflare, dynu).
 //! - [`metrics`]: Prometheus metrics; [`error`]: error and failure types.
 //!
 //! The crate never parses YAML: the router maps its config to [`health::HealthSettings`] and
 //! [`egress::EgressSettings`].
 
+pub mod ddns;
 pub mod egress;
 pub mod error;
 pub mod gluetun;
