@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod engines;
+pub mod ingress;
 pub mod logging;
 pub mod metrics;
 pub mod status;

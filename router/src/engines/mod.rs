@@ -9,6 +9,7 @@
 //! their logic.
 
 mod gateways;
+mod ingress;
 mod vrrp;
 
 use std::collections::BTreeMap;
@@ -53,6 +54,8 @@ pub struct Engines {
     grm_metrics: grm::Metrics,
     gateways: Option<Running>,
     vrrp: vrrp::VrrpEngine,
+    ingress: Option<Running>,
+    ingress_metrics: crate::ingress::IngressMetrics,
     /// Parent of every engine's token: cancelled once, at shutdown.
     root: CancellationToken,
 }
@@ -80,6 +83,8 @@ impl Engines {
         let grm_metrics = grm::Metrics::new();
         grm_metrics.register(registry);
         let vrrp = vrrp::VrrpEngine::new(registry);
+        let ingress_metrics = crate::ingress::IngressMetrics::new();
+        ingress_metrics.register(registry);
         let (healthy, healthy_rx) = watch::channel(grm::HealthyGateways::default());
         let (roles, roles_rx) = watch::channel(Roles::new());
         Self {
@@ -92,6 +97,8 @@ impl Engines {
             grm_metrics,
             gateways: None,
             vrrp,
+            ingress: None,
+            ingress_metrics,
             root: CancellationToken::new(),
         }
     }
@@ -130,12 +137,22 @@ impl Engines {
         self.vrrp
             .apply(config, &self.shared, &self.publishers.roles, &self.root);
 
-        let c = config;
-        not_built(
+        // The ingress VIPs come from `gateways`: a change there restarts ingress too.
+        let section = config.ingress.as_ref().map(|i| {
+            let vips = config.gateways.as_ref().map(|g| g.ingress_vips());
+            serde_json::json!({ "ingress": i, "gateway_ingress_vips": vips })
+        });
+        let (shared, metrics) = (&self.shared, &self.ingress_metrics);
+        reconcile(
+            &mut self.ingress,
             &self.shared.board,
+            &self.root,
             "ingress",
-            c.ingress.as_ref().map(|i| serde_json::json!(i)),
+            section,
+            |cancel| ingress::start(config, shared, metrics, cancel),
         );
+
+        let c = config;
         not_built(
             &self.shared.board,
             "ddns",
@@ -155,7 +172,7 @@ impl Engines {
     pub async fn shutdown(&mut self, grace: Duration) {
         self.root.cancel();
         let mut tasks = Vec::new();
-        for slot in [&mut self.gateways] {
+        for slot in [&mut self.gateways, &mut self.ingress] {
             if let Some(mut r) = slot.take() {
                 tasks.append(&mut r.tasks);
             }

@@ -1,0 +1,40 @@
+//! The ingress engine: IPVS virtual servers with real-server health checks
+//! ([`crate::ingress`]) and the status board entry `ingress`. Services exist on every router
+//! whatever its VRRP role: only the VIPs move on failover.
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::config::Config;
+use crate::ingress::{self, EngineSettings, IngressMetrics};
+
+/// Starts the checkers and the IPVS reconciler for `cfg.ingress` (nothing when absent).
+pub(super) fn start(
+    cfg: &Config,
+    shared: &Shared,
+    metrics: &IngressMetrics,
+    cancel: CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, String> {
+    let Some(i) = &cfg.ingress else {
+        return Ok(Vec::new());
+    };
+    let plan = ingress::plan(i, cfg.gateways.as_ref()).map_err(|e| e.to_string())?;
+    tracing::info!(
+        virtual_servers = plan.virtual_servers.len(),
+        services = plan
+            .virtual_servers
+            .iter()
+            .map(|v| v.services.len())
+            .sum::<usize>(),
+        real_servers = plan.real_servers().len(),
+        "ingress: checks and IPVS reconciler started"
+    );
+    Ok(ingress::start(
+        plan,
+        EngineSettings::default(),
+        shared.board.clone(),
+        metrics.clone(),
+        cancel,
+    ))
+}

@@ -1,0 +1,430 @@
+//! The ingress engine's tasks: one checker per real server (all in parallel, at most
+//! `max_concurrent_checks` probes at once, each spread over its interval with jitter) feeding a
+//! watch of health, and one reconciler that turns health into IPVS state whenever a server
+//! changes state and on a periodic resync (a resync that finds nothing to change writes
+//! nothing). Also reads the kernel's counters for the metrics and keeps the `ingress` entry of
+//! /status current. Never decides policy: the desired state comes from [`super::desired`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipvs::{DesiredService, IpvsClient, Reconciler, ServiceKey};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::desired::{IngressPlan, RealServerId};
+use super::health::{ServerHealth, ServerState};
+use super::metrics::{
+    CheckLabels, IngressMetrics, KernelCounters, KernelServiceStats, ServerLabels, VsLabels,
+};
+use super::{check, weights};
+use crate::status::{ComponentState, ComponentStatus, StatusBoard};
+
+/// Health of every real server.
+pub type HealthMap = BTreeMap<RealServerId, ServerHealth>;
+
+/// Engine settings that are not in the config file.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Full dump + plan even without a health change (repairs drift made by hand).
+    pub resync: Duration,
+    /// Probes in flight at once, over all virtual servers.
+    pub max_concurrent_checks: usize,
+    /// Each check is moved by up to this fraction of its interval, so checks spread out.
+    pub jitter: f64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            resync: Duration::from_secs(10),
+            max_concurrent_checks: 64,
+            jitter: 0.1,
+        }
+    }
+}
+
+/// Starts the checkers, the reconciler and the status publisher.
+pub fn start(
+    plan: IngressPlan,
+    settings: EngineSettings,
+    board: Arc<StatusBoard>,
+    metrics: IngressMetrics,
+    cancel: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let plan = Arc::new(plan);
+    metrics.clear();
+    let initial: HealthMap = plan
+        .real_servers()
+        .into_iter()
+        .map(|id| (id, ServerHealth::default()))
+        .collect();
+    for v in &plan.virtual_servers {
+        let vs = VsLabels {
+            virtual_server: v.name.clone(),
+        };
+        metrics
+            .real_servers
+            .get_or_create(&vs)
+            .set(v.candidates.len() as i64);
+        metrics.real_servers_up.get_or_create(&vs).set(0);
+    }
+    let (tx, rx) = watch::channel(initial);
+    let sem = Arc::new(Semaphore::new(settings.max_concurrent_checks.max(1)));
+    let mut tasks = Vec::new();
+    for id in plan.real_servers() {
+        tasks.push(tokio::spawn(check_loop(
+            plan.clone(),
+            id,
+            sem.clone(),
+            tx.clone(),
+            metrics.clone(),
+            settings.jitter,
+            cancel.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(reconcile_loop(
+        plan, rx, settings, board, metrics, cancel,
+    )));
+    drop(tx);
+    tasks
+}
+
+fn jittered(interval: Duration, jitter: f64) -> Duration {
+    let j = jitter.clamp(0.0, 0.5);
+    let f = 1.0 + j * (2.0 * rand::random::<f64>() - 1.0);
+    interval.mul_f64(f)
+}
+
+async fn check_loop(
+    plan: Arc<IngressPlan>,
+    id: RealServerId,
+    sem: Arc<Semaphore>,
+    tx: watch::Sender<HealthMap>,
+    metrics: IngressMetrics,
+    jitter: f64,
+    cancel: CancellationToken,
+) {
+    let Some(v) = plan.virtual_servers.get(id.vs) else {
+        return;
+    };
+    let addr = SocketAddr::new(id.addr, v.real_port);
+    let c = &v.check;
+    let server_labels = ServerLabels {
+        virtual_server: v.name.clone(),
+        real_server: id.addr.to_string(),
+    };
+    let vs_labels = VsLabels {
+        virtual_server: v.name.clone(),
+    };
+    metrics.real_server_up.get_or_create(&server_labels).set(0);
+    // The first round runs at once (the daemon serves as soon as it knows); later rounds are
+    // spread over the interval.
+    let mut next = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(next) => {}
+        }
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = check::run(&c.kind, addr, c.timeout) => r,
+        };
+        let took = started.elapsed();
+        drop(permit);
+        next = started + jittered(c.interval, jitter);
+        metrics
+            .check_duration
+            .get_or_create(&vs_labels)
+            .observe(took.as_secs_f64());
+        metrics
+            .checks
+            .get_or_create(&CheckLabels {
+                virtual_server: v.name.clone(),
+                result: if result.is_ok() { "ok" } else { "failed" },
+            })
+            .inc();
+        let reason = match &result {
+            Ok(()) => "ok".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let mut transition = None;
+        tx.send_if_modified(|m| {
+            let Some(h) = m.get_mut(&id) else {
+                return false;
+            };
+            let reason_changed = h.last_reason != reason;
+            h.last_check_seconds = Some(took.as_secs_f64());
+            transition = h.observe(result.is_ok(), &reason, c.rise, c.fall);
+            transition.is_some() || reason_changed
+        });
+        if let Some(state) = transition {
+            let up = state == ServerState::Up;
+            metrics
+                .real_server_up
+                .get_or_create(&server_labels)
+                .set(i64::from(up));
+            let n = tx
+                .borrow()
+                .iter()
+                .filter(|(k, h)| k.vs == id.vs && h.is_up())
+                .count();
+            metrics
+                .real_servers_up
+                .get_or_create(&vs_labels)
+                .set(n as i64);
+            tracing::info!(virtual_server = %v.name, real_server = %addr, state = ?state, reason = %reason, "ingress real server changed state");
+        }
+    }
+}
+
+/// What the last reconcile did, for /status.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct LastPass {
+    ok: bool,
+    changes: usize,
+    errors: Vec<String>,
+}
+
+async fn reconcile_loop(
+    plan: Arc<IngressPlan>,
+    mut health: watch::Receiver<HealthMap>,
+    settings: EngineSettings,
+    board: Arc<StatusBoard>,
+    metrics: IngressMetrics,
+    cancel: CancellationToken,
+) {
+    let owned: BTreeSet<IpAddr> = plan.owned_addresses();
+    publish(
+        &board,
+        &plan,
+        &health.borrow(),
+        None,
+        None,
+        ComponentState::Running,
+        false,
+    );
+
+    // Connect (IPVS may be loaded later by the operator: keep trying, and say why not).
+    let client = loop {
+        match IpvsClient::connect().await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::error!(error = %e, "ingress: cannot open IPVS; retrying in 5 s");
+                publish(
+                    &board,
+                    &plan,
+                    &health.borrow(),
+                    None,
+                    Some(e.to_string()),
+                    ComponentState::Degraded,
+                    false,
+                );
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+            }
+        }
+    };
+    let owned_k = owned.clone();
+    let reconciler = Reconciler::new(client.clone(), move |k: &ServiceKey| match k {
+        ServiceKey::Addr { addr, .. } => owned_k.contains(&addr.ip()),
+        ServiceKey::Fwmark { .. } => false,
+    })
+    .with_metrics(metrics.ipvs.clone());
+
+    // The first pass waits until every server was checked once (or one interval), so a
+    // restarted daemon does not quiesce servers it has not checked yet.
+    let longest = plan
+        .virtual_servers
+        .iter()
+        .map(|v| v.check.interval)
+        .max()
+        .unwrap_or_default();
+    let first_deadline = Instant::now() + longest;
+    loop {
+        if health
+            .borrow()
+            .values()
+            .all(|h| h.state != ServerState::Unknown)
+        {
+            break;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep_until(first_deadline) => break,
+            r = health.changed() => if r.is_err() { break },
+        }
+    }
+
+    let mut applied: Option<Vec<DesiredService>> = None;
+    let mut ready = false;
+    let mut last = LastPass::default();
+    let mut resync = tokio::time::interval_at(Instant::now(), settings.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let force = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = resync.tick() => true,
+            r = health.changed() => { if r.is_err() { return } false }
+        };
+        let snapshot = health.borrow_and_update().clone();
+        let desired = plan.desired(|id| snapshot.get(&id).is_some_and(ServerHealth::is_up));
+        if force || applied.as_ref() != Some(&desired) {
+            match reconciler.reconcile(&desired).await {
+                Ok(out) => {
+                    last = LastPass {
+                        ok: out.errors.is_empty(),
+                        changes: out.ops.len(),
+                        errors: out.errors.iter().map(|e| e.error.to_string()).collect(),
+                    };
+                    if out.errors.is_empty() {
+                        applied = Some(desired.clone());
+                        ready = true;
+                    } else {
+                        applied = None;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "ingress: IPVS dump failed; nothing written");
+                    last = LastPass {
+                        ok: false,
+                        changes: 0,
+                        errors: vec![e.to_string()],
+                    };
+                    applied = None;
+                }
+            }
+        }
+        if force {
+            match read_kernel_stats(&client, &plan).await {
+                Ok(s) => metrics.kernel.set(s),
+                Err(e) => tracing::debug!(error = %e, "ingress: reading IPVS counters failed"),
+            }
+        }
+        let state = if last.ok {
+            ComponentState::Running
+        } else {
+            ComponentState::Degraded
+        };
+        publish(&board, &plan, &snapshot, Some(&last), None, state, ready);
+    }
+}
+
+/// The kernel's counters of every service of the plan.
+async fn read_kernel_stats(
+    client: &IpvsClient,
+    plan: &IngressPlan,
+) -> Result<Vec<KernelServiceStats>, ipvs::IpvsError> {
+    let mut by_key: BTreeMap<ServiceKey, &str> = BTreeMap::new();
+    for v in &plan.virtual_servers {
+        for s in &v.services {
+            by_key.insert(s.key, &v.name);
+        }
+    }
+    let mut out = Vec::new();
+    for e in client.services().await? {
+        let Some(vs) = by_key.get(&e.service.key) else {
+            continue;
+        };
+        let dests = client.dests(&e.service.key).await?;
+        out.push(KernelServiceStats {
+            virtual_server: (*vs).to_owned(),
+            service: e.service.key.to_string(),
+            counters: KernelCounters::from(&e.stats),
+            destinations: dests
+                .iter()
+                .map(|d| {
+                    (
+                        d.destination.addr.to_string(),
+                        KernelCounters::from(&d.stats),
+                        d.active_conns,
+                        d.inactive_conns,
+                    )
+                })
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// The `ingress` entry of /status: every virtual server with its services and each real
+/// server's state, weight and last check result.
+fn publish(
+    board: &StatusBoard,
+    plan: &IngressPlan,
+    health: &HealthMap,
+    last: Option<&LastPass>,
+    error: Option<String>,
+    state: ComponentState,
+    ready: bool,
+) {
+    let desired = plan.desired(|id| health.get(&id).is_some_and(ServerHealth::is_up));
+    let w = weights(&desired);
+    let vss: Vec<serde_json::Value> = plan
+        .virtual_servers
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let first = v.services.first().map(|s| s.key);
+            let servers: Vec<serde_json::Value> = v
+                .candidates
+                .iter()
+                .map(|&addr| {
+                    let h = health.get(&RealServerId { vs: i, addr });
+                    let weight = first
+                        .and_then(|k| w.get(&k))
+                        .and_then(|m| m.get(&SocketAddr::new(addr, v.real_port)))
+                        .copied();
+                    serde_json::json!({
+                        "address": SocketAddr::new(addr, v.real_port).to_string(),
+                        "state": h.map_or(ServerState::Unknown, |h| h.state),
+                        "weight": weight,
+                        "last_reason": h.map(|h| h.last_reason.clone()),
+                        "last_check_seconds": h.and_then(|h| h.last_check_seconds),
+                    })
+                })
+                .collect();
+            let up = v
+                .candidates
+                .iter()
+                .filter(|&&addr| {
+                    health
+                        .get(&RealServerId { vs: i, addr })
+                        .is_some_and(ServerHealth::is_up)
+                })
+                .count();
+            serde_json::json!({
+                "name": v.name,
+                "scheduler": v.services.first().map(|s| s.scheduler.clone()),
+                "flags": v.services.first().map(|s| format!("{:#x}", s.flags.bits())),
+                "on_failure": v.on_failure,
+                "services": v.services.iter().map(|s| s.key.to_string()).collect::<Vec<_>>(),
+                "up": up,
+                "real_servers": servers,
+            })
+        })
+        .collect();
+    board.set(
+        "ingress",
+        ComponentStatus {
+            state,
+            ready,
+            detail: serde_json::json!({
+                "virtual_servers": vss,
+                "last_reconcile": last,
+                "error": error,
+            }),
+        },
+    );
+}
