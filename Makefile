@@ -14,7 +14,7 @@ export CARGO_TERM_COLOR ?= never
 # only slows each down, so cargo's test threads are capped.
 TEST_THREADS ?= 4
 
-.PHONY: all build deps fmt-check clippy lint test test-cargo test-vm demo bench clean help
+.PHONY: all build deps fmt-check clippy lint test test-cargo test-vm test-deploy demo bench clean help
 
 all: build
 
@@ -44,7 +44,14 @@ test-vm:
 	bash tests/vm/selftest.sh
 	bash tests/vm/test-ipvs.sh
 
-test: deps lint test-cargo test-vm
+# deploy/: yamllint, kubernetes-validate --strict, reduced checks of the CRD kinds, the router
+# config inside the ConfigMap through check-config, and a self-test (deploy/validate.sh).
+test-deploy: deps
+	$(CARGO) build --bin vpn-router
+	shellcheck deploy/validate.sh
+	bash deploy/validate.sh
+
+test: deps lint test-cargo test-vm test-deploy
 	@echo "make test: all tiers passed"
 
 demo: deps

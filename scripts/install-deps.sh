@@ -21,6 +21,8 @@ declare -A NEED=(
   [cpio]=cpio
   [xz]=xz-utils
   [sysctl]=procps
+  [shellcheck]=shellcheck
+  [python3]=python3
 )
 # files → package (no command to probe for)
 declare -A NEED_FILES=(
@@ -39,11 +41,33 @@ for f in "${!NEED_FILES[@]}"; do
     missing+=("${NEED_FILES[$f]}")
   fi
 done
+# make test-deploy runs kubernetes-validate from a venv: Debian's python3 needs python3-venv.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
+
+# kubernetes-validate (PyPI) for make test-deploy, pinned, in a venv under .cache (no root
+# needed). Its Kubernetes schemas ship inside the package, so validating needs no network.
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KUBERNETES_VALIDATE_VERSION=1.37.0
+deploy_venv() {
+  local venv=$repo/.cache/deploy-venv
+  if [ -x "$venv/bin/kubernetes-validate" ] &&
+    [ "$("$venv/bin/kubernetes-validate" --version 2>/dev/null)" = "$KUBERNETES_VALIDATE_VERSION" ]; then
+    return 0
+  fi
+  echo "deps: installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+}
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo is missing: install a Rust toolchain (rustup) first" >&2
   exit 1
 fi
 if [ ${#missing[@]} -eq 0 ]; then
+  deploy_venv
   echo "deps: everything is installed"
   exit 0
 fi
@@ -69,4 +93,5 @@ trap cleanup EXIT
 # Lists may be stale or absent on a fresh machine; an install of a missing package needs them.
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}"
+deploy_venv
 echo "deps: installed"

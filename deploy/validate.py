@@ -1,0 +1,700 @@
+#!/usr/bin/env python3
+"""The checks of deploy/validate.sh that kubernetes-validate cannot do.
+
+kubernetes-validate knows only core Kubernetes kinds. This script:
+
+1. checks the CRD kinds we ship (NetworkAttachmentDefinition, ServiceMonitor) against reduced
+   schemas written here: only the fields these manifests use, unknown fields refused. They are
+   not the upstream CRD schemas (those are not shipped with any package we install);
+2. parses each NetworkAttachmentDefinition's CNI config (bridge + whereabouts) and checks its
+   addresses;
+3. checks the kustomize layout (every listed resource exists, every manifest is listed);
+4. checks references between objects (Multus annotations, selectors, volumes, ports);
+5. checks the router Deployment against the router config: interfaces, sysctls
+   (router/src/sysctl.rs), ports, gateway addresses, and the issue's requirements
+   (capabilities, probes, rolling update, anti-affinity, PDB);
+6. writes the router config, its secrets and the embedded shell scripts to OUT_DIR so that
+   validate.sh can run `vpn-router check-config` and shellcheck on them.
+
+Usage: validate.py DEPLOY_DIR OUT_DIR. Exit 1 with one line per problem.
+"""
+
+import base64
+import ipaddress
+import json
+import os
+import re
+import sys
+
+import jsonschema
+import yaml
+
+ERRORS = []
+
+
+def err(where, msg):
+    ERRORS.append(f"{where}: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+MANIFEST_SKIP = {"kustomization.yaml", ".yamllint.yaml"}
+CLUSTER_SCOPED = {"Namespace"}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+
+
+class Obj:
+    def __init__(self, path, doc):
+        self.path = path
+        self.doc = doc
+        self.kind = doc.get("kind", "")
+        meta = doc.get("metadata") or {}
+        self.name = meta.get("name", "")
+        self.ns = meta.get("namespace", "")
+        self.labels = meta.get("labels") or {}
+
+    def where(self):
+        return f"{self.path}: {self.kind}/{self.name}"
+
+
+def load(root):
+    objs, kustomizations = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            if not fn.endswith(".yaml"):
+                continue
+            path = os.path.join(dirpath, fn)
+            with open(path, encoding="utf-8") as f:
+                try:
+                    docs = [d for d in yaml.safe_load_all(f) if d is not None]
+                except yaml.YAMLError as e:
+                    err(path, f"invalid YAML: {e}")
+                    continue
+            if fn == "kustomization.yaml":
+                kustomizations.append((path, docs[0] if docs else {}))
+            elif fn not in MANIFEST_SKIP:
+                for d in docs:
+                    if not isinstance(d, dict):
+                        err(path, "a document is not a mapping")
+                        continue
+                    objs.append(Obj(path, d))
+    return objs, kustomizations
+
+
+# ---------------------------------------------------------------------------------------------
+# reduced schemas of the CRD kinds (only what these manifests use; unknown fields refused)
+
+METADATA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "namespace"],
+    "properties": {
+        "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 253},
+        "namespace": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+NAD_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "k8s.cni.cncf.io/v1"},
+        "kind": {"const": "NetworkAttachmentDefinition"},
+        "metadata": METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["config"],
+            "properties": {"config": {"type": "string", "minLength": 2}},
+        },
+    },
+}
+
+# Prometheus Operator's Duration pattern.
+DURATION = {
+    "type": "string",
+    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+}
+LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": LABEL_SELECTOR,
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "jobLabel": {"type": "string"},
+                "targetLabels": {"type": "array", "items": {"type": "string"}},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": DURATION,
+                            "scrapeTimeout": DURATION,
+                            "honorLabels": {"type": "boolean"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+# What each kind's check covers; validate.sh lets kubernetes-validate's "no schema" warning pass
+# only for these (apiVersion, kind) pairs.
+REDUCED = {
+    ("k8s.cni.cncf.io/v1", "NetworkAttachmentDefinition"): NAD_SCHEMA,
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA,
+}
+
+BRIDGE_KEYS = {
+    "cniVersion", "name", "type", "bridge", "mtu", "ipam", "isGateway", "isDefaultGateway",
+    "forceAddress", "ipMasq", "hairpinMode", "promiscMode", "vlan", "preserveDefaultVlan",
+    "vlanTrunk", "enabledad", "macspoofchk", "disableContainerInterface", "portIsolation",
+}
+WHEREABOUTS_KEYS = {
+    "type", "range", "range_start", "range_end", "exclude", "gateway", "routes",
+    "enable_overlapping_ranges", "network_name", "log_file", "log_level",
+}
+CNI_VERSIONS = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
+
+
+class Nad:
+    """A parsed bridge + whereabouts attachment."""
+
+    def __init__(self, obj, cfg):
+        self.obj = obj
+        self.cfg = cfg
+        ipam = cfg["ipam"]
+        self.network = ipaddress.ip_network(ipam["range"], strict=False)
+        hosts = (self.network.network_address + 1, self.network.broadcast_address - 1)
+        self.start = ipaddress.ip_address(ipam.get("range_start", str(hosts[0])))
+        self.end = ipaddress.ip_address(ipam.get("range_end", str(hosts[1])))
+        self.gateway = ipaddress.ip_address(ipam["gateway"]) if "gateway" in ipam else None
+        self.bridge = cfg["bridge"]
+
+    def pool(self):
+        return [ipaddress.ip_address(a) for a in range(int(self.start), int(self.end) + 1)]
+
+
+def check_nad(obj):
+    where = obj.where()
+    try:
+        cfg = json.loads(obj.doc["spec"]["config"])
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        err(where, f"spec.config is not a JSON CNI config: {e}")
+        return None
+    if cfg.get("cniVersion") not in CNI_VERSIONS:
+        err(where, f"cniVersion {cfg.get('cniVersion')!r}; expected one of {sorted(CNI_VERSIONS)}")
+    if cfg.get("name") != obj.name:
+        err(where, f"CNI name {cfg.get('name')!r} differs from metadata.name {obj.name!r}")
+    if cfg.get("type") != "bridge":
+        err(where, f"CNI type {cfg.get('type')!r}: only bridge attachments are checked here; extend validate.py")
+        return None
+    for k in sorted(set(cfg) - BRIDGE_KEYS):
+        err(where, f"bridge config: unknown key {k!r}")
+    bridge = cfg.get("bridge", "")
+    if not 1 <= len(bridge) <= 15:
+        err(where, f"bridge name {bridge!r} must be 1-15 characters (a Linux interface name)")
+    mtu = cfg.get("mtu")
+    if not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+        err(where, f"mtu {mtu!r} is not an MTU")
+    ipam = cfg.get("ipam")
+    if not isinstance(ipam, dict) or ipam.get("type") != "whereabouts":
+        err(where, "ipam must be whereabouts")
+        return None
+    for k in sorted(set(ipam) - WHEREABOUTS_KEYS):
+        err(where, f"whereabouts config: unknown key {k!r}")
+    try:
+        nad = Nad(obj, cfg)
+    except (KeyError, ValueError) as e:
+        err(where, f"whereabouts addresses: {e}")
+        return None
+    for label, addr in (("range_start", nad.start), ("range_end", nad.end), ("gateway", nad.gateway)):
+        if addr is not None and addr not in nad.network:
+            err(where, f"{label} {addr} is outside range {nad.network}")
+    if nad.start > nad.end:
+        err(where, f"range_start {nad.start} is after range_end {nad.end}")
+    if nad.gateway is not None and nad.start <= nad.gateway <= nad.end:
+        err(where, f"gateway {nad.gateway} is inside the allocation range: a pod could get it")
+    for r in ipam.get("routes", []):
+        try:
+            ipaddress.ip_network(r["dst"])
+            if "gw" in r and ipaddress.ip_address(r["gw"]) not in nad.network:
+                err(where, f"route {r} has a gateway outside {nad.network}")
+        except (KeyError, ValueError) as e:
+            err(where, f"route {r}: {e}")
+    return nad
+
+
+# ---------------------------------------------------------------------------------------------
+# kustomize layout
+
+KUSTOMIZATION_KEYS = {
+    "apiVersion", "kind", "namespace", "resources", "images", "labels", "patches",
+    "configMapGenerator", "secretGenerator", "generatorOptions", "components",
+}
+
+
+def check_kustomizations(kustomizations, objs):
+    listed = set()
+    for path, k in kustomizations:
+        d = os.path.dirname(path)
+        if k.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or k.get("kind") != "Kustomization":
+            err(path, "expected apiVersion kustomize.config.k8s.io/v1beta1, kind Kustomization")
+        for key in sorted(set(k) - KUSTOMIZATION_KEYS):
+            err(path, f"unknown or deprecated key {key!r}")
+        for r in k.get("resources", []):
+            target = os.path.normpath(os.path.join(d, r))
+            if os.path.isdir(target):
+                if not os.path.isfile(os.path.join(target, "kustomization.yaml")):
+                    err(path, f"resource {r}: directory without kustomization.yaml")
+            elif os.path.isfile(target):
+                if os.path.dirname(target) != d:
+                    err(path, f"resource {r}: kustomize refuses files outside the kustomization's directory")
+                listed.add(target)
+            else:
+                err(path, f"resource {r} does not exist")
+        ns = k.get("namespace")
+        if ns:
+            for o in objs:
+                if os.path.dirname(o.path) == d and o.kind not in CLUSTER_SCOPED and o.ns != ns:
+                    err(o.where(), f"namespace {o.ns!r}, but {path} sets {ns!r}")
+        images = {c.get("image", "").rsplit(":", 1)[0] for o in objs for c in containers(o)}
+        for im in k.get("images", []):
+            if im.get("name") not in images:
+                err(path, f"images: {im.get('name')!r} is no container's image")
+    dirs = {os.path.dirname(p) for p, _ in kustomizations}
+    for o in objs:
+        if os.path.dirname(o.path) in dirs and os.path.normpath(o.path) not in listed:
+            err(o.path, "not listed in its directory's kustomization.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers over workloads
+
+def pod_template(o):
+    if o.kind in WORKLOAD_KINDS:
+        return (o.doc.get("spec") or {}).get("template") or {}
+    if o.kind == "Pod":
+        return o.doc
+    return None
+
+
+def pod_spec(o):
+    t = pod_template(o)
+    return (t or {}).get("spec") or {}
+
+
+def containers(o, init=True):
+    s = pod_spec(o)
+    out = list(s.get("containers") or [])
+    if init:
+        out += list(s.get("initContainers") or [])
+    return out
+
+
+def template_labels(o):
+    return ((pod_template(o) or {}).get("metadata") or {}).get("labels") or {}
+
+
+def matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def multus(o):
+    """[(namespace, name, ifname)] from the pod template's Multus annotation."""
+    ann = (((pod_template(o) or {}).get("metadata") or {}).get("annotations") or {})
+    text = ann.get("k8s.v1.cni.cncf.io/networks")
+    if text is None:
+        return []
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        m = re.fullmatch(r"(?:([a-z0-9-]+)/)?([a-z0-9-]+)(?:@([A-Za-z0-9_.-]+))?", item)
+        if not m:
+            err(o.where(), f"Multus annotation item {item!r}: expected [namespace/]name[@interface]")
+            continue
+        out.append((m.group(1) or o.ns, m.group(2), m.group(3)))
+    return out
+
+
+def check_references(objs, nads):
+    by = {}
+    for o in objs:
+        by.setdefault((o.kind, o.ns, o.name), o)
+    for o in objs:
+        if pod_template(o) is None:
+            continue
+        where = o.where()
+        sel = ((o.doc.get("spec") or {}).get("selector") or {}).get("matchLabels")
+        if o.kind != "Pod" and not matches(sel, template_labels(o)):
+            err(where, "spec.selector.matchLabels does not select the pod template's labels")
+        ifnames = []
+        for ns, name, ifname in multus(o):
+            if (ns, name) not in nads:
+                err(where, f"Multus annotation names {ns}/{name}: no such NetworkAttachmentDefinition")
+            if not ifname:
+                err(where, f"Multus attachment {ns}/{name}: give the interface name (@ifname), the config refers to it")
+            elif len(ifname) > 15:
+                err(where, f"interface name {ifname!r} is longer than 15 characters")
+            ifnames.append(ifname)
+        if len(set(ifnames)) != len(ifnames):
+            err(where, f"interface names repeat: {ifnames}")
+        spec = pod_spec(o)
+        for v in spec.get("volumes") or []:
+            if "configMap" in v and ("ConfigMap", o.ns, v["configMap"].get("name")) not in by:
+                err(where, f"volume {v['name']}: ConfigMap {v['configMap'].get('name')} does not exist")
+            if "secret" in v and ("Secret", o.ns, v["secret"].get("secretName")) not in by:
+                err(where, f"volume {v['name']}: Secret {v['secret'].get('secretName')} does not exist (not even as an example)")
+        vols = {v["name"] for v in spec.get("volumes") or []}
+        for c in containers(o):
+            for m in c.get("volumeMounts") or []:
+                if m["name"] not in vols:
+                    err(where, f"container {c['name']} mounts unknown volume {m['name']}")
+            for ef in c.get("envFrom") or []:
+                ref = (ef.get("secretRef") or {}).get("name")
+                if ref and ("Secret", o.ns, ref) not in by:
+                    err(where, f"container {c['name']}: envFrom Secret {ref} does not exist")
+            names = {p.get("name") for p in c.get("ports") or []}
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                p = c.get(probe) or {}
+                port = (p.get("httpGet") or p.get("tcpSocket") or {}).get("port")
+                if isinstance(port, str) and port not in names:
+                    err(where, f"container {c['name']} {probe}: no port named {port}")
+        if o.kind == "StatefulSet":
+            svc = o.doc["spec"].get("serviceName")
+            if ("Service", o.ns, svc) not in by:
+                err(where, f"serviceName {svc}: no such Service")
+    workloads = [o for o in objs if pod_template(o) is not None]
+    services = [o for o in objs if o.kind == "Service"]
+    for s in services:
+        spec = s.doc.get("spec") or {}
+        sel = spec.get("selector")
+        targets = [w for w in workloads if w.ns == s.ns and matches(sel, template_labels(w))]
+        if not targets:
+            err(s.where(), "selector matches no workload")
+        for p in spec.get("ports") or []:
+            tp = p.get("targetPort")
+            if isinstance(tp, str):
+                for w in targets:
+                    if tp not in {cp.get("name") for c in containers(w, init=False) for cp in c.get("ports") or []}:
+                        err(s.where(), f"targetPort {tp}: {w.kind}/{w.name} has no such port")
+    for sm in (o for o in objs if o.kind == "ServiceMonitor"):
+        spec = sm.doc.get("spec") or {}
+        nss = (spec.get("namespaceSelector") or {}).get("matchNames") or [sm.ns]
+        sel = (spec.get("selector") or {}).get("matchLabels")
+        svcs = [s for s in services if s.ns in nss and matches(sel, s.labels)]
+        if not svcs:
+            err(sm.where(), "selects no Service")
+        for ep in spec.get("endpoints") or []:
+            for s in svcs:
+                if ep.get("port") not in {p.get("name") for p in (s.doc.get("spec") or {}).get("ports") or []}:
+                    err(sm.where(), f"endpoint port {ep.get('port')!r} is not a port name of Service {s.name}")
+    for pdb in (o for o in objs if o.kind == "PodDisruptionBudget"):
+        sel = ((pdb.doc.get("spec") or {}).get("selector") or {}).get("matchLabels")
+        ws = [w for w in workloads if w.ns == pdb.ns and matches(sel, template_labels(w))]
+        if not ws:
+            err(pdb.where(), "selector matches no workload")
+        for w in ws:
+            if pdb.doc["spec"].get("minAvailable", 0) >= (w.doc.get("spec") or {}).get("replicas", 1):
+                err(pdb.where(), f"minAvailable leaves no voluntary disruption for {w.kind}/{w.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the router: its Deployment against its config
+
+def wanted_sysctls(cfg):
+    """Mirror of router/src/sysctl.rs::wanted (keep the two in step)."""
+    out = {}
+    g = cfg.get("gateways")
+    if g is not None:
+        out["net.ipv4.ip_forward"] = "1"
+        out["net.ipv4.fib_multipath_hash_policy"] = "1"
+        seed = ((g.get("egress") or {}).get("hash_seed", 0xDEADBEEF))
+        out["net.ipv4.fib_multipath_hash_seed"] = str(int(str(seed), 0))
+    i = cfg.get("ingress")
+    if i is not None:
+        out["net.ipv4.vs.conntrack"] = "1"
+        out["net.ipv4.vs.sloppy_tcp"] = "1" if (i or {}).get("sloppy_tcp", True) else "0"
+    return out
+
+
+def gateway_addresses(spec):
+    items = spec if isinstance(spec, list) else [spec]
+    out = []
+    for item in items:
+        a, _, b = str(item).partition("-")
+        lo = ipaddress.ip_address(a.strip())
+        hi = ipaddress.ip_address(b.strip()) if b else lo
+        out += [ipaddress.ip_address(x) for x in range(int(lo), int(hi) + 1)]
+    return out
+
+
+def find_router(objs):
+    for o in objs:
+        if o.kind != "Deployment":
+            continue
+        for c in containers(o, init=False):
+            args = list(c.get("command") or []) + list(c.get("args") or [])
+            if "run" in args and "--config" in args:
+                return o, c, args[args.index("--config") + 1]
+    return None, None, None
+
+
+def mount_of(o, c, volume_pred):
+    vols = {v["name"]: v for v in pod_spec(o).get("volumes") or []}
+    for m in c.get("volumeMounts") or []:
+        v = vols.get(m["name"], {})
+        if volume_pred(v):
+            return m["mountPath"], v
+    return None, None
+
+
+def secret_data(obj):
+    out = dict((obj.doc.get("stringData") or {}))
+    for k, v in (obj.doc.get("data") or {}).items():
+        out[k] = base64.b64decode(v).decode()
+    return out
+
+
+def check_router(objs, nads, out_dir):
+    router, c, config_path = find_router(objs)
+    if router is None:
+        err("deploy", "no Deployment runs `vpn-router run --config FILE`")
+        return
+    where = router.where()
+    by = {(o.kind, o.ns, o.name): o for o in objs}
+    cdir, cvol = mount_of(router, c, lambda v: "configMap" in v)
+    if cdir is None or os.path.dirname(config_path) != cdir.rstrip("/"):
+        err(where, f"--config {config_path} is not in a mounted ConfigMap")
+        return
+    cm = by.get(("ConfigMap", router.ns, cvol["configMap"]["name"]))
+    key = os.path.basename(config_path)
+    text = ((cm.doc.get("data") or {}).get(key)) if cm else None
+    if text is None:
+        err(where, f"ConfigMap {cvol['configMap']['name']} has no key {key}")
+        return
+    cfg = yaml.safe_load(text) or {}
+
+    # secrets: every file under the secret mount must be a key of the Secret
+    sdir, svol = mount_of(router, c, lambda v: "secret" in v)
+    secret_dir = os.path.join(out_dir, "secrets")
+    os.makedirs(secret_dir, exist_ok=True)
+    if sdir is not None:
+        sobj = by.get(("Secret", router.ns, svol["secret"]["secretName"]))
+        data = secret_data(sobj) if sobj else {}
+        for k, v in data.items():
+            with open(os.path.join(secret_dir, k), "w", encoding="utf-8") as f:
+                f.write(v)
+        for ref in re.findall(re.escape(sdir.rstrip("/")) + r"/([A-Za-z0-9._-]+)", text):
+            if ref not in data:
+                err(where, f"the config reads {sdir}/{ref}, but Secret {svol['secret']['secretName']} has no key {ref}")
+        text = text.replace(sdir.rstrip("/") + "/", secret_dir + "/")
+    with open(os.path.join(out_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(text)
+
+    # interfaces the config names must be attached
+    attached = {ifname: nads.get((ns, name)) for ns, name, ifname in multus(router)}
+    names = set()
+    for v in cfg.get("vrrp") or []:
+        names.add(v.get("interface"))
+        for vip in v.get("virtual_ips") or []:
+            if isinstance(vip, dict) and vip.get("interface"):
+                names.add(vip["interface"])
+    gw = cfg.get("gateways")
+    if gw:
+        names.add(gw.get("interface"))
+    for n in sorted(x for x in names if x):
+        if n not in attached:
+            err(where, f"the config uses interface {n}, but the Multus annotation attaches only {sorted(attached)}")
+
+    # sysctls
+    have = {s["name"]: str(s["value"]) for s in (pod_spec(router).get("securityContext") or {}).get("sysctls") or []}
+    want = wanted_sysctls(cfg)
+    if have != want:
+        err(where, f"securityContext.sysctls {have} differ from what the config needs {want} (router/src/sysctl.rs)")
+
+    # api port, probes
+    listen = (cfg.get("api") or {}).get("listen", "0.0.0.0:9090")
+    port = int(listen.rsplit(":", 1)[1])
+    ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+    if ports.get("api") != port:
+        err(where, f"container port `api` is {ports.get('api')}, the config listens on {port}")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        g = (c.get(probe) or {}).get("httpGet") or {}
+        if g.get("path") != path or g.get("port") not in ("api", port):
+            err(where, f"{probe} must GET {path} on the api port")
+
+    # the issue's requirements for the router pod
+    spec = router.doc["spec"]
+    sc = c.get("securityContext") or {}
+    caps = sc.get("capabilities") or {}
+    if caps.get("drop") != ["ALL"] or sorted(caps.get("add") or []) != ["NET_ADMIN", "NET_RAW"]:
+        err(where, "capabilities must be drop [ALL], add [NET_ADMIN, NET_RAW]")
+    if sc.get("readOnlyRootFilesystem") is not True or sc.get("privileged"):
+        err(where, "the container must have readOnlyRootFilesystem and not be privileged")
+    if spec.get("replicas", 1) < 2:
+        err(where, "fewer than 2 replicas: no failover")
+    ru = (spec.get("strategy") or {}).get("rollingUpdate") or {}
+    if ru.get("maxUnavailable") != 0 or ru.get("maxSurge", 0) in (0, "0%"):
+        err(where, "rolling update must be maxUnavailable 0 with a surge (docs/operations.md#upgrading)")
+    anti = (pod_spec(router).get("affinity") or {}).get("podAntiAffinity") or {}
+    if not anti.get("requiredDuringSchedulingIgnoredDuringExecution"):
+        err(where, "routers need required pod anti-affinity (one per node)")
+    if pod_spec(router).get("terminationGracePeriodSeconds", 30) < 10:
+        err(where, "terminationGracePeriodSeconds below 10 s cuts the VRRP SIGTERM handoff short")
+    if not any(o.kind == "PodDisruptionBudget" and o.ns == router.ns
+               and matches((o.doc["spec"].get("selector") or {}).get("matchLabels"), template_labels(router))
+               for o in objs):
+        err(where, "no PodDisruptionBudget covers the routers")
+
+    # addresses: the gateway attachment's pool is exactly gateways.addresses; the VIPs sit in
+    # the routers' network but outside every allocation pool; clients route via the egress VIP.
+    if gw:
+        addrs = gateway_addresses(gw.get("addresses"))
+        pools = {k: n for k, n in nads.items() if n.pool() == addrs}
+        if not pools:
+            err(where, f"no NetworkAttachmentDefinition allocates exactly gateways.addresses {addrs[0]}-{addrs[-1]}")
+        gw_nad = attached.get(gw.get("interface"))
+        start = ipaddress.ip_address(gw.get("ingress_vip_start", "192.168.26.128"))
+        vips = [start + i for i in range(len(addrs))]
+        egress_vips = []
+        for v in cfg.get("vrrp") or []:
+            for vip in v.get("virtual_ips") or []:
+                a = vip["address"] if isinstance(vip, dict) else vip
+                egress_vips.append(ipaddress.ip_interface(a))
+        for vip in egress_vips:
+            if gw_nad and vip.network != gw_nad.network:
+                err(where, f"VIP {vip} is not in the routers' network {gw_nad.network}")
+        for n in nads.values():
+            for a in vips + [v.ip for v in egress_vips]:
+                if n.start <= a <= n.end:
+                    err(n.obj.where(), f"allocates {a}, a VIP of the routers")
+        for n in nads.values():
+            if n.gateway is not None and n.gateway not in [v.ip for v in egress_vips]:
+                err(n.obj.where(), f"clients' gateway {n.gateway} is not a VRRP VIP")
+        with open(os.path.join(out_dir, "gateways.tsv"), "w", encoding="utf-8") as f:
+            for a, v in zip(addrs, vips):
+                f.write(f"{a}\t{v}\n")
+        # gateway pods: they DNAT to their own ingress VIP, computed from these two values
+        vs_ports = {vs.get("port") for vs in (cfg.get("ingress") or {}).get("virtual_servers") or []
+                    if vs.get("addresses", "gateway_ingress_vips") == "gateway_ingress_vips"}
+        for o in objs:
+            for ic in pod_spec(o).get("initContainers") or []:
+                env = {e["name"]: e.get("value") for e in ic.get("env") or []}
+                if "FIRST_GATEWAY" not in env:
+                    continue
+                if env["FIRST_GATEWAY"] != str(addrs[0]) or env.get("INGRESS_VIP_START") != str(start):
+                    err(o.where(), f"{ic['name']}: FIRST_GATEWAY/INGRESS_VIP_START {env['FIRST_GATEWAY']}/{env.get('INGRESS_VIP_START')} differ from the router config {addrs[0]}/{start}")
+                for m in (env.get("PORT_MAPPINGS") or "").split():
+                    if int(m.split(":")[1]) not in vs_ports:
+                        err(o.where(), f"{ic['name']}: PORT_MAPPINGS {m} targets no virtual server on the ingress VIPs")
+                if (o.doc.get("spec") or {}).get("replicas", 1) > len(addrs):
+                    err(o.where(), f"more replicas than gateways.addresses ({len(addrs)})")
+        for vs in (cfg.get("ingress") or {}).get("virtual_servers") or []:
+            nets = [ipaddress.ip_network(r, strict=False) for r in vs.get("real_servers") or []]
+            if not any(all(a in net for a in (n.start, n.end)) for n in nads.values() for net in nets):
+                err(where, f"virtual server {vs.get('name')}: no attachment allocates inside its real_servers")
+
+
+# ---------------------------------------------------------------------------------------------
+# shell scripts embedded in containers
+
+def extract_scripts(objs, out_dir):
+    sdir = os.path.join(out_dir, "scripts")
+    os.makedirs(sdir, exist_ok=True)
+    for o in objs:
+        for c in containers(o):
+            cmds = [list(c.get("command") or []) + list(c.get("args") or [])]
+            post = (((c.get("lifecycle") or {}).get("postStart") or {}).get("exec") or {}).get("command")
+            if post:
+                cmds.append(list(post))
+            for n, cmd in enumerate(cmds):
+                if len(cmd) >= 3 and cmd[0] in ("/bin/sh", "sh", "/bin/ash", "ash") and cmd[1] == "-c":
+                    base = os.path.join(sdir, f"{o.kind.lower()}-{o.name}-{c['name']}{'-poststart' if n else ''}")
+                    with open(base + ".sh", "w", encoding="utf-8") as f:
+                        f.write("#!/bin/sh\n" + cmd[2] + "\n")
+                    with open(base + ".env", "w", encoding="utf-8") as f:
+                        for e in c.get("env") or []:
+                            if "value" in e:
+                                f.write(f"{e['name']}={e['value']}\n")
+
+
+def main():
+    if len(sys.argv) != 3:
+        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
+        return 2
+    root, out_dir = sys.argv[1], sys.argv[2]
+    objs, kustomizations = load(root)
+    nads = {}
+    for o in objs:
+        schema = REDUCED.get((o.doc.get("apiVersion"), o.kind))
+        if schema is not None:
+            for e in jsonschema.Draft202012Validator(schema).iter_errors(o.doc):
+                path = ".".join(str(p) for p in e.absolute_path)
+                err(o.where(), f"reduced {o.kind} schema: {path}: {e.message}")
+        if o.kind != "Namespace" and not o.ns:
+            err(o.where(), "metadata.namespace is not set (the manifests must also work with kubectl apply -f)")
+        if o.kind == "NetworkAttachmentDefinition":
+            nad = check_nad(o)
+            if nad is not None:
+                nads[(o.ns, o.name)] = nad
+    check_kustomizations(kustomizations, objs)
+    check_references(objs, nads)
+    check_router(objs, nads, out_dir)
+    extract_scripts(objs, out_dir)
+    for e in ERRORS:
+        print(e)
+    print(f"validate.py: {len(objs)} objects, {len(nads)} attachments, {len(kustomizations)} kustomizations, {len(ERRORS)} problem(s)")
+    return 1 if ERRORS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Validates everything under deploy/ (make test-deploy; offline, a few seconds):
+#
+#   1. yamllint (deploy/.yamllint.yaml, warnings are errors) on every YAML file;
+#   2. kubernetes-validate --strict on every manifest, against the oldest and the newest
+#      Kubernetes version we support. It has schemas for core kinds only: its "no schema"
+#      warning is accepted solely for the CRD kinds that validate.py checks with a reduced
+#      schema (NetworkAttachmentDefinition, ServiceMonitor); any other warning fails;
+#   3. validate.py: the reduced CRD checks, the CNI configs, the kustomize layout, references
+#      between objects, the router Deployment against its config; it extracts the config,
+#      the example Secret's files and the shell scripts embedded in containers;
+#   4. `vpn-router check-config` on the config from the ConfigMap, with the secrets written to
+#      a temporary directory (the mount path in the config is rewritten to it);
+#   5. shellcheck on the embedded scripts, and the gateways' ingress-nat script run against
+#      stub `ip`/`iptables` commands: each gateway address must DNAT to its own ingress VIP;
+#   6. a self-test: known defects put into copies of deploy/ must each be caught, so none
+#      of the checks above can pass by doing nothing (skip with --no-selftest).
+#
+# Needs: yamllint, shellcheck, the venv with kubernetes-validate (scripts/install-deps.sh puts
+# it in .cache/deploy-venv) and a built vpn-router (VPN_ROUTER_BIN, default target/debug).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
+venv=${DEPLOY_VENV:-$repo/.cache/deploy-venv}
+bin=${VPN_ROUTER_BIN:-$repo/target/debug/vpn-router}
+# Oldest Kubernetes the manifests are written for, and the newest kubernetes-validate knows.
+k8s_versions=(1.29.0 1.37.0)
+# The only "no schema" warnings accepted: kinds validate.py checks itself.
+crd_ok='Couldn'"'"'t find schema for kind (NetworkAttachmentDefinition with api version k8s\.cni\.cncf\.io/v1|ServiceMonitor with api version monitoring\.coreos\.com/v1) '
+
+selftest=1
+case "${1:-}" in
+  --no-selftest) selftest=0 ;;
+  "") ;;
+  *) echo "usage: $0 [--no-selftest]" >&2; exit 2 ;;
+esac
+
+fail() { echo "deploy: $*" >&2; exit 1; }
+for tool in yamllint shellcheck; do
+  command -v "$tool" >/dev/null || fail "$tool is missing: run scripts/install-deps.sh (make deps) as root"
+done
+[ -x "$venv/bin/kubernetes-validate" ] ||
+  fail "kubernetes-validate is missing in $venv: run scripts/install-deps.sh (make deps)"
+[ -x "$bin" ] || fail "$bin is missing: cargo build --bin vpn-router"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# validate_tree DIR OUT: every check on the deploy tree DIR; scratch files in OUT. Prints what
+# failed and returns non-zero at the first failing stage.
+validate_tree() {
+  local dir=$1 out=$2 files kv rc line n_core
+  mkdir -p "$out"
+  yamllint -s -c "$here/.yamllint.yaml" "$dir" || { echo "FAILED: yamllint"; return 1; }
+
+  mapfile -t files < <(find "$dir" -name '*.yaml' ! -name kustomization.yaml ! -name .yamllint.yaml | sort)
+  local kargs=()
+  for v in "${k8s_versions[@]}"; do kargs+=(-k "$v"); done
+  rc=0
+  kv=$("$venv/bin/kubernetes-validate" --strict "${kargs[@]}" "${files[@]}" 2>&1) || rc=$?
+  n_core=0
+  while IFS= read -r line; do
+    case "$line" in
+      INFO*) n_core=$((n_core + 1)) ;;
+      WARN*) if ! [[ $line =~ $crd_ok ]]; then echo "$line"; rc=1; fi ;;
+      "") ;;
+      *) echo "$line" ;;
+    esac
+  done <<<"$kv"
+  [ "$rc" = 0 ] || { echo "FAILED: kubernetes-validate --strict"; return 1; }
+  [ "$n_core" -gt 0 ] || { echo "FAILED: kubernetes-validate validated no object"; return 1; }
+
+  "$venv/bin/python" "$here/validate.py" "$dir" "$out" || { echo "FAILED: validate.py"; return 1; }
+
+  yamllint -s -c "$here/.yamllint.yaml" "$out/config.yaml" || { echo "FAILED: yamllint of the ConfigMap's config.yaml"; return 1; }
+  "$bin" check-config "$out/config.yaml" || { echo "FAILED: vpn-router check-config"; return 1; }
+
+  shellcheck -s sh "$out"/scripts/*.sh || { echo "FAILED: shellcheck of the embedded scripts"; return 1; }
+  ingress_nat_test "$out" || { echo "FAILED: ingress-nat script"; return 1; }
+  echo "deploy: ok ($((n_core / ${#k8s_versions[@]})) core objects valid for Kubernetes ${k8s_versions[*]})"
+}
+
+# Runs the gateways' ingress-nat init script with stub ip/iptables for every gateway address
+# of the router config, and once with an address that is not a gateway (must fail).
+ingress_nat_test() {
+  local out=$1 script env stubs addr vip log port_map
+  script=$(find "$out/scripts" -name '*-ingress-nat.sh' | head -n 1)
+  [ -n "$script" ] || { echo "no ingress-nat init container found"; return 1; }
+  env=${script%.sh}.env
+  stubs=$out/stubs
+  mkdir -p "$stubs"
+  # shellcheck disable=SC2016 # the stubs expand their variables when they run
+  printf '#!/bin/sh\necho "2: vpn-gw-veth0: <BROADCAST,MULTICAST,UP> mtu 1420"\necho "    inet $STUB_ADDR/22 brd 192.168.27.255 scope global vpn-gw-veth0"\n' >"$stubs/ip"
+  # shellcheck disable=SC2016
+  printf '#!/bin/sh\necho "$*" >>"$STUB_LOG"\n' >"$stubs/iptables"
+  chmod +x "$stubs/ip" "$stubs/iptables"
+  # run_nat ADDR LOG: the script with the container's env, seeing ADDR on its interface.
+  run_nat() (
+    while IFS='=' read -r k v; do export "$k=$v"; done <"$env"
+    STUB_ADDR=$1 STUB_LOG=$2 PATH="$stubs:$PATH" exec sh "$script"
+  )
+  port_map=$(sed -n 's/^PORT_MAPPINGS=//p' "$env")
+  [ -n "$port_map" ] || { echo "ingress-nat has no PORT_MAPPINGS"; return 1; }
+  while IFS=$'\t' read -r addr vip; do
+    log=$out/iptables.$addr
+    : >"$log"
+    if ! run_nat "$addr" "$log" >"$out/nat.out" 2>&1; then
+      cat "$out/nat.out"; echo "ingress-nat failed for gateway $addr"; return 1
+    fi
+    for m in $port_map; do
+      for proto in tcp udp; do
+        grep -qxF -- "-t nat -A PREROUTING -i tun0 -p $proto --dport ${m%%:*} -j DNAT --to-destination $vip:${m#*:}" "$log" ||
+          { cat "$log"; echo "gateway $addr: no $proto DNAT of port ${m%%:*} to $vip:${m#*:}"; return 1; }
+      done
+    done
+    grep -q -- "-t nat -A POSTROUTING -o tun0 .*-j MASQUERADE" "$log" || { echo "gateway $addr: no MASQUERADE into tun0"; return 1; }
+  done <"$out/gateways.tsv"
+  if run_nat 192.168.24.5 /dev/null >/dev/null 2>&1; then
+    echo "ingress-nat accepted 192.168.24.5, which is no gateway address"; return 1
+  fi
+}
+
+echo "deploy: validating $here"
+validate_tree "$here" "$work/main" || fail "validation failed (above)"
+
+[ "$selftest" = 1 ] || exit 0
+
+# The defects below do not depend on the Kubernetes version: one version keeps this quick.
+k8s_versions=("${k8s_versions[-1]}")
+
+# mutate FILE SED_EXPR EXPECTED_TEXT: a copy of deploy/ with one defect must fail with a
+# message containing EXPECTED_TEXT.
+n=0
+caught=0
+mutate() {
+  local file=$1 expr=$2 expect=$3 copy out
+  n=$((n + 1))
+  copy=$work/m$n/deploy
+  mkdir -p "$copy"
+  cp -r "$here/." "$copy/"
+  sed -i -e "$expr" "$copy/$file"
+  if cmp -s "$here/$file" "$copy/$file"; then
+    fail "self-test $n: '$expr' changed nothing in $file (update the self-test)"
+  fi
+  if out=$(validate_tree "$copy" "$work/m$n/out" 2>&1); then
+    echo "$out" >&2
+    fail "self-test $n: a defect in $file ('$expr') was not caught"
+  fi
+  grep -qF -- "$expect" <<<"$out" ||
+    { echo "$out" >&2; fail "self-test $n: $file ('$expr') failed, but without '$expect'"; }
+  caught=$((caught + 1))
+}
+mutate base/namespace.yaml 's/^kind: Namespace$/kind: Namespace  /' "trailing spaces"
+mutate base/router-deployment.yaml 's/^  minReadySeconds: 10$/  minReadySeconds: 10\n  minReadySecond: 10/' "'minReadySecond' was unexpected"
+mutate base/router-servicemonitor.yaml 's/^      interval: 15s$/      intervall: 15s/' "reduced ServiceMonitor schema"
+mutate base/networks.yaml 's/"range_end": "192.168.25.131"/"range_end": "192.168.25.135"/' "allocates exactly gateways.addresses"
+mutate base/router-deployment.yaml 's/vpn-net-vrrp@vpn-r-veth0/vpn-net-vrp@vpn-r-veth0/' "no such NetworkAttachmentDefinition"
+mutate base/router-deployment.yaml 's/value: "1"                 # ingress.sloppy_tcp/value: "0"/' "differ from what the config needs"
+mutate base/router-deployment.yaml 's/add: \["NET_ADMIN", "NET_RAW"\]/add: ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]/' "capabilities must be"
+mutate base/router-config.yaml 's/^        vrid: 51$/        vrid: 300/' "vrrp[0].vrid"
+mutate overlays/example/secrets.example.yaml 's/^  tsig: /  tsig-key: /' "has no key tsig"
+mutate base/kustomization.yaml '/router-pdb.yaml/d' "not listed in its directory's kustomization.yaml"
+mutate examples/gateways/gluetun-statefulset.yaml 's/+ i ))"$/+ i + 1 ))"/' "no tcp DNAT of port 51413"
+echo "deploy: self-test ok ($caught defects caught)"
