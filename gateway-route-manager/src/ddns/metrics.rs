@@ -159,6 +159,19 @@ impl DdnsMetrics {
             .get()
     }
 
+    /// Records published by type after the last successful update (for /status).
+    pub fn records_published(&self) -> std::collections::BTreeMap<&'static str, i64> {
+        RecordType::ALL
+            .iter()
+            .map(|t| {
+                let g = self.records.get_or_create(&RecordTypeLabels {
+                    record_type: t.as_str().to_owned(),
+                });
+                (t.as_str(), g.get())
+            })
+            .collect()
+    }
+
     /// The current error kind, if the last attempt failed.
     pub fn current_error(&self) -> Option<&'static str> {
         match self.current_error.lock() {
