@@ -448,6 +448,57 @@ def check_references(objs, nads):
 
 
 # ---------------------------------------------------------------------------------------------
+# PodSecurity: a namespace's enforce level must admit its pods (the parts of the Pod Security
+# Standards these manifests touch: capabilities, sysctls, and restricted's user/escalation rules)
+
+BASELINE_CAPS = {
+    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
+    "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes", "net.ipv4.tcp_rmem", "net.ipv4.tcp_wmem",
+}
+
+
+def check_pod_security(objs):
+    levels = {o.name: o.labels.get("pod-security.kubernetes.io/enforce", "privileged")
+              for o in objs if o.kind == "Namespace"}
+    for o in objs:
+        if pod_template(o) is None:
+            continue
+        level = levels.get(o.ns)
+        if level is None:
+            err(o.where(), f"namespace {o.ns} is not among the manifests")
+            continue
+        if level == "privileged":
+            continue
+        spec = pod_spec(o)
+        psc = spec.get("securityContext") or {}
+        for sc in psc.get("sysctls") or []:
+            if sc["name"] not in SAFE_SYSCTLS:
+                err(o.where(), f"sysctl {sc['name']} is not allowed by PodSecurity {level} of namespace {o.ns}")
+        for c in containers(o):
+            csc = c.get("securityContext") or {}
+            added = set((csc.get("capabilities") or {}).get("add") or [])
+            allowed = BASELINE_CAPS if level == "baseline" else {"NET_BIND_SERVICE"}
+            for cap in sorted(added - allowed):
+                err(o.where(), f"container {c['name']} adds {cap}, refused by PodSecurity {level} of namespace {o.ns}")
+            if level == "restricted":
+                if (csc.get("capabilities") or {}).get("drop") != ["ALL"]:
+                    err(o.where(), f"container {c['name']} must drop ALL capabilities (PodSecurity restricted)")
+                if csc.get("allowPrivilegeEscalation") is not False:
+                    err(o.where(), f"container {c['name']} needs allowPrivilegeEscalation: false (PodSecurity restricted)")
+                if not (csc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
+                    err(o.where(), f"container {c['name']} needs runAsNonRoot (PodSecurity restricted)")
+                seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+                if seccomp not in ("RuntimeDefault", "Localhost"):
+                    err(o.where(), f"container {c['name']} needs a RuntimeDefault seccomp profile (PodSecurity restricted)")
+
+
+# ---------------------------------------------------------------------------------------------
 # the router: its Deployment against its config
 
 def wanted_sysctls(cfg):
@@ -588,8 +639,10 @@ def check_router(objs, nads, out_dir):
     anti = (pod_spec(router).get("affinity") or {}).get("podAntiAffinity") or {}
     if not anti.get("requiredDuringSchedulingIgnoredDuringExecution"):
         err(where, "routers need required pod anti-affinity (one per node)")
-    if pod_spec(router).get("terminationGracePeriodSeconds", 30) < 10:
-        err(where, "terminationGracePeriodSeconds below 10 s cuts the VRRP SIGTERM handoff short")
+    # The daemon takes up to SHUTDOWN_GRACE (10 s, router/src/supervisor.rs) to stop after
+    # SIGTERM; the kubelet's SIGKILL must not come first.
+    if pod_spec(router).get("terminationGracePeriodSeconds", 30) < 15:
+        err(where, "terminationGracePeriodSeconds below 15 s may SIGKILL the daemon during its SIGTERM handoff and shutdown (up to 10 s)")
     if not any(o.kind == "PodDisruptionBudget" and o.ns == router.ns
                and matches((o.doc["spec"].get("selector") or {}).get("matchLabels"), template_labels(router))
                for o in objs):
@@ -688,6 +741,7 @@ def main():
                 nads[(o.ns, o.name)] = nad
     check_kustomizations(kustomizations, objs)
     check_references(objs, nads)
+    check_pod_security(objs)
     check_router(objs, nads, out_dir)
     extract_scripts(objs, out_dir)
     for e in ERRORS:

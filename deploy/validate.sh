@@ -161,5 +161,6 @@ mutate base/router-deployment.yaml 's/add: \["NET_ADMIN", "NET_RAW"\]/add: ["NET
 mutate base/router-config.yaml 's/^        vrid: 51$/        vrid: 300/' "vrrp[0].vrid"
 mutate overlays/example/secrets.example.yaml 's/^  tsig: /  tsig-key: /' "has no key tsig"
 mutate base/kustomization.yaml '/router-pdb.yaml/d' "not listed in its directory's kustomization.yaml"
+mutate base/namespace.yaml 's/enforce: privileged/enforce: baseline/' "refused by PodSecurity baseline"
 mutate examples/gateways/gluetun-statefulset.yaml 's/+ i ))"$/+ i + 1 ))"/' "no tcp DNAT of port 51413"
 echo "deploy: self-test ok ($caught defects caught)"
