@@ -635,7 +635,7 @@ def check_router(objs, nads, out_dir):
         err(where, "fewer than 2 replicas: no failover")
     ru = (spec.get("strategy") or {}).get("rollingUpdate") or {}
     if ru.get("maxUnavailable") != 0 or ru.get("maxSurge", 0) in (0, "0%"):
-        err(where, "rolling update must be maxUnavailable 0 with a surge (docs/operations.md#upgrading)")
+        err(where, "rolling update must be maxUnavailable 0 with a surge (docs/operations.md#upgrading-without-dropping-mastership)")
     anti = (pod_spec(router).get("affinity") or {}).get("podAntiAffinity") or {}
     if not anti.get("requiredDuringSchedulingIgnoredDuringExecution"):
         err(where, "routers need required pod anti-affinity (one per node)")
