@@ -410,9 +410,15 @@ pub enum DdnsProvider {
     Cloudflare {
         zone_id: String,
         api_token: Secret,
+        /// API v4 base URL; `None`: the real API. Tests point it at a local server.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        api_url: Option<String>,
     },
     Dynu {
         api_key: Secret,
+        /// API v2 base URL; `None`: the real API.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        api_url: Option<String>,
     },
 }
 

@@ -72,8 +72,8 @@ pub(crate) const RFC2136_KEYS: &[&str] = &[
     "key_secret",
     "key_secret_file",
 ];
-pub(crate) const CLOUDFLARE_KEYS: &[&str] = &["zone_id", "api_token", "api_token_file"];
-pub(crate) const DYNU_KEYS: &[&str] = &["api_key", "api_key_file"];
+pub(crate) const CLOUDFLARE_KEYS: &[&str] = &["zone_id", "api_token", "api_token_file", "api_url"];
+pub(crate) const DYNU_KEYS: &[&str] = &["api_key", "api_key_file", "api_url"];
 
 /// Every mapping of the config and the keys it accepts, by its path in the file (`[]` marks a
 /// list item; `""` is the top level). The same consts are what `Reader::object` checks against,
@@ -1112,17 +1112,40 @@ fn ddns_provider(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<DdnsP
             let q = r.object(node, &pp, CLOUDFLARE_KEYS)?;
             let zone_id = q.req(r, "zone_id", "the Cloudflare zone id", Reader::string);
             let api_token = secret(r, &q, "api_token", base);
+            let api_url = q.opt(r, "api_url", api_url);
             Some(DdnsProvider::Cloudflare {
                 zone_id: zone_id?,
                 api_token: api_token?,
+                api_url,
             })
         }
         _ => {
             let q = r.object(node, &pp, DYNU_KEYS)?;
             let api_key = secret(r, &q, "api_key", base);
-            Some(DdnsProvider::Dynu { api_key: api_key? })
+            let api_url = q.opt(r, "api_url", api_url);
+            Some(DdnsProvider::Dynu {
+                api_key: api_key?,
+                api_url,
+            })
         }
     }
+}
+
+/// A provider's API base URL (`http://` or `https://`, no query); trailing slashes dropped.
+fn api_url(r: &mut Reader, n: &Node, p: &str) -> Option<String> {
+    let u = r.string(n, p)?;
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"));
+    let host_ok = rest.is_some_and(|h| {
+        let host = h.split('/').next().unwrap_or_default();
+        !host.is_empty() && !h.contains(['?', '#', ' '])
+    });
+    if !host_ok {
+        r.error(n.at, format!("{p}: {u:?} is not an API base URL; expected https://host/path (http:// only for a local test server)"));
+        return None;
+    }
+    Some(u.trim_end_matches('/').to_owned())
 }
 
 /// RFC 1035 §2.3.1 host names (letters, digits, hyphens; labels 1-63; name ≤ 253), with the
