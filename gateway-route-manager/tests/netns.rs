@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use gateway_route_manager::egress::{
     apply_sysctls, desired_sysctls, EgressManager, EgressMode, EgressSettings, NoneHealthy,
-    ProbeRouting, ResilientSettings,
+    ResilientSettings,
 };
 use gateway_route_manager::health::{
     probe_through, CheckKind, GatewayState, HealthChecker, HealthSettings, HealthyGateway,
@@ -591,16 +591,24 @@ fn probe_leaves_through_its_own_gateway() {
         gateways: vec![gw(0), gw(1)],
         exclude_reserved: false,
         destinations: vec!["203.0.113.0/24".parse().unwrap()],
-        probe_routing: Some(ProbeRouting {
-            mark_base: 0x1900,
-            table_base: 50,
-            rule_priority_base: 1000,
-        }),
+        ..Default::default()
+    };
+    // Return routing owns the per-gateway tables and fwmark rules the probe uses.
+    let rr = gateway_route_manager::ReturnRoutingSettings {
+        interface: "gwnet".into(),
+        gateways: vec![gw(0), gw(1)],
+        nft_table: format!("grm_probe_{}", std::process::id()),
         ..Default::default()
     };
     let (through_0, through_1, unmarked, status) = r.run(move || async move {
         let mut m = EgressManager::new(s, Metrics::new()).unwrap();
         m.reconcile(&healthy(&[])).await.unwrap();
+        let mut rr = gateway_route_manager::ReturnRoutingManager::new(
+            rr,
+            gateway_route_manager::ReturnRoutingMetrics::new(),
+        )
+        .unwrap();
+        rr.reconcile(&healthy(&[])).await.unwrap();
         let t = Duration::from_millis(500);
         let probes = (
             probe_through(target, 0x1900, t).await,

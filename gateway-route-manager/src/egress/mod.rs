@@ -14,7 +14,7 @@ mod sysctl;
 pub use diff::{diff, Change, KernelState};
 pub use plan::{
     bootstrap_plan, ownership, plan, reserved_ranges, EgressMode, EgressPlan, EgressSettings,
-    EgressSettingsError, NoneHealthy, Ownership, ProbeRouting, ResilientSettings, ACTIVE_METRIC,
+    EgressSettingsError, NoneHealthy, Ownership, ResilientSettings, ACTIVE_METRIC,
     KILL_SWITCH_METRIC, MAX_GATEWAYS, RTPROT_VPN_ROUTER,
 };
 pub use sysctl::{apply_sysctls, apply_sysctls_at, desired_sysctls, Sysctl};

@@ -18,10 +18,9 @@
 //!   routes unless `include_local_traffic`; at `rule_priority` [10888]:
 //!   `to <destination> lookup <table>`. Client traffic is selected by destination only (as the
 //!   design says), which covers traffic forwarded from any interface;
-//! - with [`ProbeRouting`]: for gateway i, table `table_base + i` [50+i] with
-//!   `default nhid <gateway i>` (+ an unreachable kill switch) and rule
-//!   `fwmark mark_base+i lookup table_base+i` at `rule_priority_base + i` [1000+i], so the
-//!   data-plane probe of gateway i leaves through gateway i only, healthy or not.
+//! - in [`EgressMode::Consistent`] no group and no active route: client packets are steered
+//!   per packet by nftables marks into return routing's per-gateway tables (which also serve
+//!   the data-plane probe); what nft leaves unmarked meets the kill switch here.
 //!
 //! Every route, rule and nexthop carries protocol [`RTPROT_VPN_ROUTER`] (245).
 
@@ -55,6 +54,9 @@ pub enum EgressMode {
     Ecmp,
     /// Resilient group: hash → bucket → gateway; removing a gateway moves only its buckets.
     EcmpResilient(ResilientSettings),
+    /// Stateless hash → bucket → gateway marking in nftables (`crate::consistent`, installed
+    /// by `crate::return_routing`); egress keeps only the kill switch and the rules.
+    Consistent,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,15 +87,6 @@ pub enum NoneHealthy {
     Unreachable,
 }
 
-/// Per-gateway tables and rules for the data-plane probe (see module doc). The numbers are
-/// `gateways.return_routing`'s; install them here only while return routing does not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProbeRouting {
-    pub mark_base: u32,
-    pub table_base: u32,
-    pub rule_priority_base: u32,
-}
-
 /// Egress settings (mapped from `gateways` and `gateways.egress` by the router).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressSettings {
@@ -110,9 +103,6 @@ pub struct EgressSettings {
     pub when_none_healthy: NoneHealthy,
     /// Also send traffic the router itself originates through the VPN (default false).
     pub include_local_traffic: bool,
-    /// `Some` when `probe` is among the health checks and return routing does not install
-    /// the per-gateway tables.
-    pub probe_routing: Option<ProbeRouting>,
     pub nexthop_id_base: u32,
     /// `gateways.egress.hash_seed` (for the sysctl).
     pub hash_seed: Option<u32>,
@@ -133,7 +123,6 @@ impl Default for EgressSettings {
             exclude_reserved: true,
             when_none_healthy: NoneHealthy::Blackhole,
             include_local_traffic: false,
-            probe_routing: None,
             nexthop_id_base: 1800,
             hash_seed: None,
             resync_interval: Duration::from_secs(10),
@@ -152,8 +141,6 @@ pub enum EgressSettingsError {
     TooManyGateways(usize),
     #[error("gateways.egress.destinations is empty: nothing would be routed through the gateways")]
     NoDestinations,
-    #[error("probe table {table} (return_routing.table_base + gateway index) collides with gateways.egress.table")]
-    ProbeTableCollision { table: u32 },
     #[error("nexthop id range {start}..={end} does not fit in u32")]
     NexthopIds { start: u32, end: u64 },
 }
@@ -178,14 +165,6 @@ impl EgressSettings {
                 start: self.nexthop_id_base,
                 end,
             });
-        }
-        if let Some(p) = &self.probe_routing {
-            for i in 0..self.gateways.len() {
-                let table = p.table_base.wrapping_add(index_u32(i));
-                if table == self.table {
-                    return Err(EgressSettingsError::ProbeTableCollision { table });
-                }
-            }
         }
         Ok(())
     }
@@ -257,14 +236,8 @@ impl Ownership {
 }
 
 pub fn ownership(settings: &EgressSettings) -> Ownership {
-    let mut tables = BTreeSet::from([settings.table]);
-    let mut rule_priorities = BTreeSet::from([settings.rule_priority - 1, settings.rule_priority]);
-    if let Some(p) = &settings.probe_routing {
-        for i in 0..settings.gateways.len() {
-            tables.insert(p.table_base.wrapping_add(index_u32(i)));
-            rule_priorities.insert(p.rule_priority_base.wrapping_add(index_u32(i)));
-        }
-    }
+    let tables = BTreeSet::from([settings.table]);
+    let rule_priorities = BTreeSet::from([settings.rule_priority - 1, settings.rule_priority]);
     Ownership {
         tables,
         rule_priorities,
@@ -324,7 +297,7 @@ pub fn plan(settings: &EgressSettings, healthy: &HealthyGateways, oif: Option<u3
             });
         }
     }
-    let members: Vec<u32> = if oif.is_some() {
+    let members: Vec<u32> = if oif.is_some() && settings.mode != EgressMode::Consistent {
         healthy
             .indexes()
             .filter(|&i| i < settings.gateways.len())
@@ -341,6 +314,8 @@ pub fn plan(settings: &EgressSettings, healthy: &HealthyGateways, oif: Option<u3
                 idle_timer: clock_t(r.idle_timer),
                 unbalanced_timer: clock_t(r.unbalanced_timer),
             },
+            // Unreachable: `members` is empty in consistent mode.
+            EgressMode::Consistent => GroupType::HashThreshold,
         };
         out.nexthops.push(Nexthop {
             id: settings.group_nexthop_id(),
@@ -398,31 +373,6 @@ pub fn plan(settings: &EgressSettings, healthy: &HealthyGateways, oif: Option<u3
             dst,
             ..lookup_rule(settings.rule_priority, settings.table)
         });
-    }
-
-    if let Some(p) = &settings.probe_routing {
-        for i in 0..settings.gateways.len() {
-            let table = p.table_base.wrapping_add(index_u32(i));
-            let any = Ipv4Net::default();
-            out.routes.push(route(
-                table,
-                any,
-                KILL_SWITCH_METRIC,
-                RouteTarget::Unreachable,
-            ));
-            if oif.is_some() {
-                out.routes.push(route(
-                    table,
-                    any,
-                    ACTIVE_METRIC,
-                    RouteTarget::Nexthop(settings.gateway_nexthop_id(i)),
-                ));
-            }
-            out.rules.push(Rule {
-                fwmark: Some((p.mark_base.wrapping_add(index_u32(i)), u32::MAX)),
-                ..lookup_rule(p.rule_priority_base.wrapping_add(index_u32(i)), table)
-            });
-        }
     }
 
     out.rules.sort();
@@ -655,35 +605,28 @@ mod tests {
     }
 
     #[test]
-    fn probe_routing_adds_a_table_and_rule_per_gateway() {
+    fn consistent_mode_keeps_only_the_kill_switch_and_rules() {
         let s = EgressSettings {
-            probe_routing: Some(ProbeRouting {
-                mark_base: 0x1900,
-                table_base: 50,
-                rule_priority_base: 1000,
-            }),
+            mode: EgressMode::Consistent,
             ..settings()
         };
-        let p = plan(&s, &healthy(&[]), Some(7));
-        for i in 0..4u32 {
-            assert!(p.routes.contains(&route(
-                50 + i,
+        let p = plan(&s, &healthy(&[0, 1, 2, 3]), Some(7));
+        assert!(p.nexthops.iter().all(|n| n.id != s.group_nexthop_id()));
+        assert_eq!(
+            p.routes,
+            vec![route(
+                180,
                 net("0.0.0.0/0"),
-                0,
-                RouteTarget::Nexthop(1800 + i)
-            )));
-            assert!(p.routes.contains(&route(
-                50 + i,
-                net("0.0.0.0/0"),
-                u32::MAX,
-                RouteTarget::Unreachable
-            )));
-            let rule = p.rules.iter().find(|r| r.priority == 1000 + i).unwrap();
-            assert_eq!(rule.fwmark, Some((0x1900 + i, u32::MAX)));
-            assert_eq!(rule.action, RuleTarget::Lookup(50 + i));
-        }
+                KILL_SWITCH_METRIC,
+                RouteTarget::Blackhole
+            )]
+        );
+        assert!(p
+            .rules
+            .iter()
+            .any(|r| r.priority == 10888 && r.action == RuleTarget::Lookup(180)));
         let own = ownership(&s);
-        assert!(own.tables.contains(&53) && own.rule_priorities.contains(&1003));
+        assert_eq!(own.tables, BTreeSet::from([180]));
         assert_eq!(own.nexthop_ids, 1800..=2056);
     }
 
@@ -728,18 +671,6 @@ mod tests {
             }
             .validate(),
             Err(EgressSettingsError::NoDestinations)
-        );
-        let collide = EgressSettings {
-            probe_routing: Some(ProbeRouting {
-                mark_base: 1,
-                table_base: 178,
-                rule_priority_base: 1000,
-            }),
-            ..settings()
-        };
-        assert_eq!(
-            collide.validate(),
-            Err(EgressSettingsError::ProbeTableCollision { table: 180 })
         );
         assert_eq!(settings().validate(), Ok(()));
     }

@@ -1,0 +1,579 @@
+//! The nftables side of return routing (and of consistent egress): renders [`NftModel`] as
+//! libnftables JSON, reads our table back (`nft -j list table ip NAME`), compares, and applies
+//! one transaction per change through the `nftables` crate.
+//!
+//! Owns: the JSON shapes, the comparison, the transaction. It touches only its own table; it
+//! never runs `nft list ruleset` (nft 1.0.6 crashes printing some maps), never flushes anything
+//! else.
+//!
+//! The table (family `ip`, default name `vpn_router_return`):
+//! ```text
+//! map ingress_vips { type ipv4_addr : mark; }       # VIP i -> mark_base+i
+//! chain prerouting { type filter hook prerouting priority mangle; policy accept;
+//!   ct state new ct mark set ip daddr map @ingress_vips
+//!   ct mark MB-MB+255 meta mark set ct mark return    # ingress wins over egress hashing
+//!   # consistent egress only:
+//!   iifname IF ip daddr @egress_dst ip daddr != @egress_excl meta l4proto { tcp, udp }
+//!     meta mark set jhash ip saddr . ip daddr . th sport . th dport mod N seed S offset SB
+//!     meta mark set meta mark map @buckets return
+//!   iifname IF ... meta l4proto != { tcp, udp }
+//!     meta mark set jhash ip saddr . ip daddr . ip protocol mod N seed S offset SB
+//!     meta mark set meta mark map @buckets return
+//!   meta mark SB-SB+N-1 meta mark set 0               # bucket without gateway: unmarked
+//! }
+//! chain output { type route hook output priority mangle; policy accept;
+//!   ct mark MB-MB+255 meta mark set ct mark }         # local replies are re-routed
+//! ```
+//! Why two steps for the bucket lookup: a map keyed by `jhash` needs `typeof`, which nft
+//! 1.0.6's JSON cannot express (and its text listing of such a map segfaults), so the hash
+//! goes through the packet mark (`offset SB` keeps it apart from the gateway marks) and the map
+//! is `type mark : mark`. A bucket absent from the map (no healthy gateway) leaves the packet
+//! unmarked, so it meets egress's kill switch in the egress table.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde_json::{json, Value};
+
+use super::plan::{EgressNft, NftModel};
+
+const FAMILY: &str = "ip";
+const PRE: &str = "prerouting";
+const OUT: &str = "output";
+/// `priority mangle`.
+const MANGLE: i32 = -150;
+const BUCKETS: &str = "buckets";
+
+/// Errors talking to `nft`.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("nft: cannot run the `nft` binary ({0}); install nftables (apt-get install nftables)")]
+    Missing(String),
+    #[error("nft: listing table ip {table} failed: {detail}")]
+    List { table: String, detail: String },
+    #[error("nft: table ip {table}: the kernel refused the transaction ({what}): {detail}")]
+    Apply {
+        table: String,
+        what: String,
+        detail: String,
+    },
+    #[error("nft: table ip {table}: cannot parse `nft -j` output: {detail}")]
+    Parse { table: String, detail: String },
+    #[error("nft: the blocking nft task failed: {0}")]
+    Join(String),
+}
+
+fn match_eq(left: Value, right: Value) -> Value {
+    json!({ "match": { "op": "==", "left": left, "right": right } })
+}
+fn match_op(op: &str, left: Value, right: Value) -> Value {
+    json!({ "match": { "op": op, "left": left, "right": right } })
+}
+fn meta(key: &str) -> Value {
+    json!({ "meta": { "key": key } })
+}
+fn ct(key: &str) -> Value {
+    json!({ "ct": { "key": key } })
+}
+fn payload(protocol: &str, field: &str) -> Value {
+    json!({ "payload": { "protocol": protocol, "field": field } })
+}
+fn mangle(key: Value, value: Value) -> Value {
+    json!({ "mangle": { "key": key, "value": value } })
+}
+fn range(a: u32, b: u32) -> Value {
+    json!({ "range": [a, b] })
+}
+
+fn interval_elems(nets: &[Ipv4Net]) -> Vec<Value> {
+    nets.iter()
+        .map(|n| json!({ "prefix": { "addr": n.network().to_string(), "len": n.prefix_len() } }))
+        .collect()
+}
+
+/// The objects of our table, in the shape `nft -j list table` prints them (no handles).
+pub fn render(model: &NftModel) -> Vec<Value> {
+    let t = model.table.as_str();
+    let mut out = vec![json!({ "table": { "family": FAMILY, "name": t } })];
+    let mut vips = json!({ "family": FAMILY, "name": "ingress_vips", "table": t,
+        "type": "ipv4_addr", "map": "mark" });
+    if !model.ingress.is_empty() {
+        vips["elem"] = Value::Array(
+            model
+                .ingress
+                .iter()
+                .map(|(a, m)| json!([a.to_string(), m]))
+                .collect(),
+        );
+    }
+    out.push(json!({ "map": vips }));
+    if let Some(e) = &model.egress {
+        let mut buckets = json!({ "family": FAMILY, "name": BUCKETS, "table": t,
+            "type": "mark", "map": "mark" });
+        if let Some(b) = e.buckets.as_ref().filter(|b| !b.is_empty()) {
+            buckets["elem"] = Value::Array(b.iter().map(|(k, v)| json!([k, v])).collect());
+        }
+        out.push(json!({ "map": buckets }));
+        for (name, nets) in [("egress_dst", &e.destinations), ("egress_excl", &e.exclude)] {
+            let mut set = json!({ "family": FAMILY, "name": name, "table": t,
+                "type": "ipv4_addr", "flags": ["interval"] });
+            if !nets.is_empty() {
+                set["elem"] = Value::Array(interval_elems(nets));
+            }
+            out.push(json!({ "set": set }));
+        }
+    }
+    out.push(
+        json!({ "chain": { "family": FAMILY, "table": t, "name": PRE, "type": "filter",
+        "hook": "prerouting", "prio": MANGLE, "policy": "accept" } }),
+    );
+    out.push(
+        json!({ "chain": { "family": FAMILY, "table": t, "name": OUT, "type": "route",
+        "hook": "output", "prio": MANGLE, "policy": "accept" } }),
+    );
+
+    let (lo, hi) = model.mark_range;
+    let rule = |chain: &str, expr: Vec<Value>| json!({ "rule": { "family": FAMILY, "table": t, "chain": chain, "expr": expr } });
+    out.push(rule(
+        PRE,
+        vec![
+            match_op("in", ct("state"), json!("new")),
+            mangle(
+                ct("mark"),
+                json!({ "map": { "key": payload("ip", "daddr"), "data": "@ingress_vips" } }),
+            ),
+        ],
+    ));
+    out.push(rule(
+        PRE,
+        vec![
+            match_eq(ct("mark"), range(lo, hi)),
+            mangle(meta("mark"), ct("mark")),
+            json!({ "return": null }),
+        ],
+    ));
+    if let Some(e) = &model.egress {
+        for (op, tuple) in [
+            ("==", vec![payload("th", "sport"), payload("th", "dport")]),
+            ("!=", vec![payload("ip", "protocol")]),
+        ] {
+            let mut concat = vec![payload("ip", "saddr"), payload("ip", "daddr")];
+            concat.extend(tuple);
+            out.push(rule(PRE, egress_rule(e, op, concat)));
+        }
+        let last = e.scratch_base.saturating_add(e.size.saturating_sub(1));
+        out.push(rule(
+            PRE,
+            vec![
+                match_eq(meta("mark"), range(e.scratch_base, last)),
+                mangle(meta("mark"), json!(0)),
+            ],
+        ));
+    }
+    out.push(rule(
+        OUT,
+        vec![
+            match_eq(ct("mark"), range(lo, hi)),
+            mangle(meta("mark"), ct("mark")),
+        ],
+    ));
+    out
+}
+
+fn egress_rule(e: &EgressNft, l4_op: &str, concat: Vec<Value>) -> Vec<Value> {
+    vec![
+        match_eq(meta("iifname"), json!(e.client_interface)),
+        match_eq(payload("ip", "daddr"), json!("@egress_dst")),
+        match_op("!=", payload("ip", "daddr"), json!("@egress_excl")),
+        match_op(l4_op, meta("l4proto"), json!({ "set": ["tcp", "udp"] })),
+        mangle(
+            meta("mark"),
+            json!({ "jhash": { "mod": e.size, "seed": e.seed, "offset": e.scratch_base,
+                "expr": { "concat": concat } } }),
+        ),
+        mangle(
+            meta("mark"),
+            json!({ "map": { "key": meta("mark"), "data": format!("@{BUCKETS}") } }),
+        ),
+        json!({ "return": null }),
+    ]
+}
+
+/// A table reduced to what matters for comparison: no handles, set elements as sorted
+/// intervals or sorted pairs, rules in chain order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TableView {
+    pub exists: bool,
+    /// Set/map declarations without `elem`, by name.
+    pub sets: BTreeMap<String, Value>,
+    pub elems: BTreeMap<String, Elems>,
+    pub chains: BTreeMap<String, Value>,
+    pub rules: BTreeMap<String, Vec<Value>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Elems {
+    /// Interval sets: merged `[start, end]` address ranges.
+    Intervals(Vec<(u32, u32)>),
+    /// Maps: key → value, both as JSON text.
+    Pairs(BTreeMap<String, String>),
+}
+
+fn strip_handle(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("handle");
+    }
+    v
+}
+
+fn interval_of(v: &Value) -> Option<(u32, u32)> {
+    if let Some(p) = v.get("prefix") {
+        let addr: Ipv4Addr = p.get("addr")?.as_str()?.parse().ok()?;
+        let len = u8::try_from(p.get("len")?.as_u64()?).ok()?;
+        let net = Ipv4Net::new(addr, len).ok()?;
+        return Some((u32::from(net.network()), u32::from(net.broadcast())));
+    }
+    if let Some(r) = v.get("range").and_then(Value::as_array) {
+        let a: Ipv4Addr = r.first()?.as_str()?.parse().ok()?;
+        let b: Ipv4Addr = r.get(1)?.as_str()?.parse().ok()?;
+        return Some((u32::from(a), u32::from(b)));
+    }
+    let a: Ipv4Addr = v.as_str()?.parse().ok()?;
+    Some((u32::from(a), u32::from(a)))
+}
+
+fn merge(mut v: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
+    v.sort_unstable();
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if u64::from(a) <= u64::from(last.1) + 1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Reduces a list of objects (rendered, or parsed from `nft -j list table`) to a view.
+pub fn view(objects: &[Value]) -> TableView {
+    let mut out = TableView::default();
+    for o in objects {
+        let Some((kind, body)) = o.as_object().and_then(|m| m.iter().next()) else {
+            continue;
+        };
+        match kind.as_str() {
+            "table" => out.exists = true,
+            "set" | "map" => {
+                let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
+                let mut decl = strip_handle(body);
+                let elem = decl
+                    .as_object_mut()
+                    .and_then(|m| m.remove("elem"))
+                    .and_then(|e| e.as_array().cloned())
+                    .unwrap_or_default();
+                let elems = if kind == "map" {
+                    Elems::Pairs(
+                        elem.iter()
+                            .filter_map(|p| {
+                                let p = p.as_array()?;
+                                Some((p.first()?.to_string(), p.get(1)?.to_string()))
+                            })
+                            .collect(),
+                    )
+                } else {
+                    Elems::Intervals(merge(elem.iter().filter_map(interval_of).collect()))
+                };
+                out.sets
+                    .insert(name.to_owned(), json!({ kind.as_str(): decl }));
+                out.elems.insert(name.to_owned(), elems);
+            }
+            "chain" => {
+                let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
+                out.chains.insert(name.to_owned(), strip_handle(body));
+            }
+            "rule" => {
+                let chain = body
+                    .get("chain")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                let expr = body.get("expr").cloned().unwrap_or(Value::Null);
+                out.rules.entry(chain.to_owned()).or_default().push(expr);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Parses `nft -j list table ip NAME` output into its objects.
+pub fn parse_listing(table: &str, text: &str) -> Result<Vec<Value>, NftError> {
+    let v: Value = serde_json::from_str(text).map_err(|e| NftError::Parse {
+        table: table.to_owned(),
+        detail: e.to_string(),
+    })?;
+    v.get("nftables")
+        .and_then(Value::as_array)
+        .cloned()
+        .ok_or_else(|| NftError::Parse {
+            table: table.to_owned(),
+            detail: "no `nftables` array".to_owned(),
+        })
+}
+
+/// What to do to bring the kernel's table to the desired one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NftChange {
+    None,
+    /// Replace the whole table atomically (delete + create in one transaction).
+    Full,
+    /// Only the bucket map differs: delete these keys, then add these pairs.
+    Buckets {
+        delete: Vec<u32>,
+        add: Vec<(u32, u32)>,
+    },
+}
+
+fn pairs(e: Option<&Elems>) -> BTreeMap<String, String> {
+    match e {
+        Some(Elems::Pairs(p)) => p.clone(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// Compares. `desired_buckets: None` keeps the kernel's bucket elements (adoption before the
+/// first complete healthy set) — unless the table must be rebuilt, when they are carried over.
+pub fn compare(desired: &TableView, kernel: &TableView, keep_buckets: bool) -> NftChange {
+    let mut d = desired.clone();
+    let mut k = kernel.clone();
+    let kb = pairs(k.elems.remove(BUCKETS).as_ref());
+    let db = pairs(d.elems.remove(BUCKETS).as_ref());
+    if d != k {
+        return NftChange::Full;
+    }
+    if keep_buckets || kb == db {
+        return NftChange::None;
+    }
+    let parse = |s: &String| s.parse::<u32>().ok();
+    let mut delete = Vec::new();
+    let mut add = Vec::new();
+    for (key, value) in &kb {
+        match db.get(key) {
+            Some(v) if v == value => {}
+            Some(_) | None => delete.extend(parse(key)),
+        }
+    }
+    for (key, value) in &db {
+        if kb.get(key) != Some(value) {
+            if let (Some(k), Some(v)) = (parse(key), parse(value)) {
+                add.push((k, v));
+            }
+        }
+    }
+    NftChange::Buckets { delete, add }
+}
+
+/// The transaction for `change`. `objects` are the rendered desired objects; for a full
+/// rebuild that keeps the kernel's buckets, `carry` holds them.
+pub fn transaction(
+    table: &str,
+    objects: &[Value],
+    change: &NftChange,
+    carry: Option<&BTreeMap<String, String>>,
+) -> Value {
+    let mut cmds: Vec<Value> = Vec::new();
+    match change {
+        NftChange::None => {}
+        NftChange::Full => {
+            let t = json!({ "table": { "family": FAMILY, "name": table } });
+            // `add` first so `delete` cannot fail on a missing table; all in one batch, so
+            // packets see either the old table or the new one, never none.
+            cmds.push(json!({ "add": t.clone() }));
+            cmds.push(json!({ "delete": t }));
+            for o in objects {
+                let mut o = o.clone();
+                if let (Some(carry), Some(m)) = (carry, o.get_mut("map")) {
+                    if m.get("name").and_then(Value::as_str) == Some(BUCKETS) && !carry.is_empty() {
+                        let elems: Vec<Value> = carry
+                            .iter()
+                            .filter_map(|(k, v)| {
+                                Some(json!([k.parse::<u64>().ok()?, v.parse::<u64>().ok()?]))
+                            })
+                            .collect();
+                        m["elem"] = Value::Array(elems);
+                    }
+                }
+                cmds.push(json!({ "add": o }));
+            }
+        }
+        NftChange::Buckets { delete, add } => {
+            let el = |elem: Value| {
+                json!({ "element": { "family": FAMILY, "table": table, "name": BUCKETS,
+                    "elem": elem } })
+            };
+            if !delete.is_empty() {
+                cmds.push(json!({ "delete": el(json!(delete)) }));
+            }
+            if !add.is_empty() {
+                let pairs: Vec<Value> = add.iter().map(|(k, v)| json!([k, v])).collect();
+                cmds.push(json!({ "add": el(Value::Array(pairs)) }));
+            }
+        }
+    }
+    json!({ "nftables": cmds })
+}
+
+/// The kernel's bucket pairs in a view (to carry them over a rebuild).
+pub fn kernel_buckets(kernel: &TableView) -> BTreeMap<String, String> {
+    pairs(kernel.elems.get(BUCKETS))
+}
+
+fn nft_error(e: nftables::helper::NftablesError) -> (bool, String) {
+    use nftables::helper::NftablesError as E;
+    match e {
+        E::NftExecution { inner, .. } => (true, inner.to_string()),
+        E::NftFailed { stderr, .. } => (false, stderr.trim().to_owned()),
+        other => (false, other.to_string()),
+    }
+}
+
+/// Lists our table; `Ok(None)` when it does not exist.
+pub fn list_table(table: &str) -> Result<Option<Vec<Value>>, NftError> {
+    let args = ["list", "table", FAMILY, table];
+    match nftables::helper::get_current_ruleset_raw(nftables::helper::DEFAULT_NFT, args) {
+        Ok(text) => parse_listing(table, &text).map(Some),
+        Err(e) => match nft_error(e) {
+            (true, detail) => Err(NftError::Missing(detail)),
+            (false, detail) if detail.contains("No such file or directory") => Ok(None),
+            (false, detail) => Err(NftError::List {
+                table: table.to_owned(),
+                detail,
+            }),
+        },
+    }
+}
+
+/// Applies one transaction.
+pub fn apply(table: &str, what: &str, batch: &Value) -> Result<(), NftError> {
+    let payload = batch.to_string();
+    nftables::helper::apply_ruleset_raw(
+        &payload,
+        nftables::helper::DEFAULT_NFT,
+        nftables::helper::DEFAULT_ARGS,
+    )
+    .map(drop)
+    .map_err(|e| match nft_error(e) {
+        (true, detail) => NftError::Missing(detail),
+        (false, detail) => NftError::Apply {
+            table: table.to_owned(),
+            what: what.to_owned(),
+            detail,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn model(buckets: Option<BTreeMap<u32, u32>>) -> NftModel {
+        NftModel {
+            table: "t".into(),
+            mark_range: (0x1900, 0x19ff),
+            ingress: vec![(Ipv4Addr::new(192, 168, 26, 128), 0x1900)],
+            egress: Some(EgressNft {
+                client_interface: "gw0".into(),
+                destinations: vec!["0.0.0.0/0".parse().unwrap()],
+                exclude: vec!["10.0.0.0/8".parse().unwrap()],
+                seed: 1,
+                size: 5,
+                scratch_base: 0x1a00,
+                buckets,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_table_compares_equal_to_itself() {
+        let b = BTreeMap::from([(0x1a00, 0x1900), (0x1a01, 0x1901)]);
+        let v = view(&render(&model(Some(b))));
+        assert!(v.exists);
+        assert_eq!(compare(&v, &v, false), NftChange::None);
+        assert_eq!(v.rules["prerouting"].len(), 5);
+        assert_eq!(v.rules["output"].len(), 1);
+    }
+
+    #[test]
+    fn only_changed_buckets_are_written() {
+        let old = view(&render(&model(Some(BTreeMap::from([
+            (0x1a00, 0x1900),
+            (0x1a01, 0x1901),
+            (0x1a02, 0x1901),
+        ])))));
+        let new = view(&render(&model(Some(BTreeMap::from([
+            (0x1a00, 0x1900),
+            (0x1a01, 0x1900),
+            (0x1a03, 0x1900),
+        ])))));
+        assert_eq!(
+            compare(&new, &old, false),
+            NftChange::Buckets {
+                delete: vec![0x1a01, 0x1a02],
+                add: vec![(0x1a01, 0x1900), (0x1a03, 0x1900)]
+            }
+        );
+        assert_eq!(compare(&new, &old, true), NftChange::None);
+    }
+
+    #[test]
+    fn a_hand_edit_or_a_missing_table_means_a_rebuild() {
+        let desired = view(&render(&model(None)));
+        assert_eq!(
+            compare(&desired, &TableView::default(), true),
+            NftChange::Full
+        );
+        let mut edited = desired.clone();
+        edited.rules.get_mut("prerouting").unwrap().pop();
+        assert_eq!(compare(&desired, &edited, true), NftChange::Full);
+        let mut edited = desired.clone();
+        edited
+            .elems
+            .insert("egress_excl".into(), Elems::Intervals(vec![]));
+        assert_eq!(compare(&desired, &edited, true), NftChange::Full);
+    }
+
+    #[test]
+    fn listing_shapes_normalise() {
+        // nft prints a non-prefix interval as a range, adjacent prefixes may be merged.
+        let a = vec![
+            json!({"prefix": {"addr": "10.0.0.0", "len": 8}}),
+            json!({"prefix": {"addr": "11.0.0.0", "len": 16}}),
+        ];
+        let b = vec![json!({"range": ["10.0.0.0", "11.0.255.255"]})];
+        let f = |v: &Vec<Value>| merge(v.iter().filter_map(interval_of).collect());
+        assert_eq!(f(&a), f(&b));
+    }
+
+    #[test]
+    fn full_rebuild_is_one_batch_and_can_carry_buckets() {
+        let objects = render(&model(None));
+        let carry = BTreeMap::from([("6656".to_owned(), "6400".to_owned())]);
+        let t = transaction("t", &objects, &NftChange::Full, Some(&carry));
+        let cmds = t["nftables"].as_array().unwrap();
+        assert_eq!(
+            cmds[0],
+            json!({"add": {"table": {"family": "ip", "name": "t"}}})
+        );
+        assert_eq!(
+            cmds[1],
+            json!({"delete": {"table": {"family": "ip", "name": "t"}}})
+        );
+        let buckets = cmds
+            .iter()
+            .find(|c| c["add"]["map"]["name"] == "buckets")
+            .unwrap();
+        assert_eq!(buckets["add"]["map"]["elem"], json!([[6656, 6400]]));
+    }
+}
