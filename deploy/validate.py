@@ -16,7 +16,10 @@ kubernetes-validate knows only core Kubernetes kinds. This script:
 6. writes the router config, its secrets and the embedded shell scripts to OUT_DIR so that
    validate.sh can run `vpn-router check-config` and shellcheck on them.
 
-Usage: validate.py DEPLOY_DIR OUT_DIR. Exit 1 with one line per problem.
+It also reads the image recipe (deploy/Dockerfile): entrypoint, nft, exposed port, and with
+CARGO_METADATA (`cargo metadata --locked` output) that RUST_VERSION is new enough.
+
+Usage: validate.py DEPLOY_DIR OUT_DIR [CARGO_METADATA]. Exit 1 with one line per problem.
 """
 
 import base64
@@ -698,6 +701,50 @@ def check_router(objs, nads, out_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+# the image recipe against the Deployment and the locked dependencies (no container engine here:
+# the recipe is read, not built)
+
+def check_image(root, objs, metadata_path):
+    path = os.path.join(root, "Dockerfile")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as e:
+        err(path, f"cannot read: {e}")
+        return
+    m = next((re.fullmatch(r"ARG RUST_VERSION=(\d+)\.(\d+)", ln) for ln in lines if ln.startswith("ARG RUST_VERSION=")), None)
+    if m is None:
+        err(path, "no `ARG RUST_VERSION=X.Y`")
+    elif metadata_path:
+        with open(metadata_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        used = {n["id"] for n in meta["resolve"]["nodes"]}
+        needs = [(tuple(int(x) for x in p["rust_version"].split(".")[:2]), p["name"])
+                 for p in meta["packages"] if p.get("rust_version") and p["id"] in used]
+        have = (int(m.group(1)), int(m.group(2)))
+        if needs and max(needs)[0] > have:
+            (need, name) = max(needs)
+            err(path, f"RUST_VERSION {have[0]}.{have[1]} is older than {name} needs ({need[0]}.{need[1]})")
+    stages = [i for i, ln in enumerate(lines) if ln.startswith("FROM ")]
+    final = lines[stages[-1]:] if stages else []
+    text = "\n".join(final)
+    if "nftables" not in text:
+        err(path, "the runtime stage does not install nftables (`nft` is run by the daemon)")
+    copied = re.search(r"COPY --from=\S+ \S+ (\S+)", text)
+    entry = next((json.loads(ln[len("ENTRYPOINT "):]) for ln in final if ln.startswith("ENTRYPOINT [")), None)
+    if not copied or not entry or entry[0] != copied.group(1):
+        err(path, f"ENTRYPOINT {entry} is not the binary copied into the runtime stage")
+    exposed = {int(x) for ln in final if ln.startswith("EXPOSE ") for x in ln.split()[1:]}
+    router, c, _ = find_router(objs)
+    if router is not None:
+        if c.get("command"):
+            err(router.where(), "sets `command`: the image's ENTRYPOINT is the daemon; give only `args`")
+        ports = {p.get("containerPort") for p in c.get("ports") or []}
+        if not ports <= exposed:
+            err(path, f"EXPOSE {sorted(exposed)} does not list the Deployment's container ports {sorted(ports)}")
+
+
+# ---------------------------------------------------------------------------------------------
 # shell scripts embedded in containers
 
 def extract_scripts(objs, out_dir):
@@ -721,10 +768,11 @@ def extract_scripts(objs, out_dir):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
     root, out_dir = sys.argv[1], sys.argv[2]
+    metadata_path = sys.argv[3] if len(sys.argv) == 4 else None
     objs, kustomizations = load(root)
     nads = {}
     for o in objs:
@@ -743,6 +791,7 @@ def main():
     check_references(objs, nads)
     check_pod_security(objs)
     check_router(objs, nads, out_dir)
+    check_image(root, objs, metadata_path)
     extract_scripts(objs, out_dir)
     for e in ERRORS:
         print(e)

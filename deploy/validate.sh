@@ -9,6 +9,8 @@
 #   3. validate.py: the reduced CRD checks, the CNI configs, the kustomize layout, references
 #      between objects, the router Deployment against its config; it extracts the config,
 #      the example Secret's files and the shell scripts embedded in containers;
+#      It also reads deploy/Dockerfile: entrypoint, nft, port, and a toolchain new enough for
+#      the locked dependencies (cargo metadata --locked --offline);
 #   4. `vpn-router check-config` on the config from the ConfigMap, with the secrets written to
 #      a temporary directory (the mount path in the config is rewritten to it);
 #   5. shellcheck on the embedded scripts, and the gateways' ingress-nat script run against
@@ -71,7 +73,7 @@ validate_tree() {
   [ "$rc" = 0 ] || { echo "FAILED: kubernetes-validate --strict"; return 1; }
   [ "$n_core" -gt 0 ] || { echo "FAILED: kubernetes-validate validated no object"; return 1; }
 
-  "$venv/bin/python" "$here/validate.py" "$dir" "$out" || { echo "FAILED: validate.py"; return 1; }
+  "$venv/bin/python" "$here/validate.py" "$dir" "$out" "$work/cargo-metadata.json" || { echo "FAILED: validate.py"; return 1; }
 
   yamllint -s -c "$here/.yamllint.yaml" "$out/config.yaml" || { echo "FAILED: yamllint of the ConfigMap's config.yaml"; return 1; }
   "$bin" check-config "$out/config.yaml" || { echo "FAILED: vpn-router check-config"; return 1; }
@@ -121,6 +123,12 @@ ingress_nat_test() {
   fi
 }
 
+# The image is built with `cargo build --locked`: the lock file must be in step, and the
+# toolchain in deploy/Dockerfile new enough for every locked package (validate.py).
+(cd "$repo" && cargo metadata --format-version 1 --locked --offline --filter-platform x86_64-unknown-linux-gnu) \
+  >"$work/cargo-metadata.json" ||
+  fail "cargo metadata --locked failed: Cargo.lock is not in step with Cargo.toml, so the image build (cargo build --locked) would fail too"
+
 echo "deploy: validating $here"
 validate_tree "$here" "$work/main" || fail "validation failed (above)"
 
@@ -162,5 +170,6 @@ mutate base/router-config.yaml 's/^        vrid: 51$/        vrid: 300/' "vrrp[0
 mutate overlays/example/secrets.example.yaml 's/^  tsig: /  tsig-key: /' "has no key tsig"
 mutate base/kustomization.yaml '/router-pdb.yaml/d' "not listed in its directory's kustomization.yaml"
 mutate base/namespace.yaml 's/enforce: privileged/enforce: baseline/' "refused by PodSecurity baseline"
+mutate Dockerfile 's/^ARG RUST_VERSION=.*/ARG RUST_VERSION=1.85/' "RUST_VERSION 1.85 is older than"
 mutate examples/gateways/gluetun-statefulset.yaml 's/+ i ))"$/+ i + 1 ))"/' "no tcp DNAT of port 51413"
 echo "deploy: self-test ok ($caught defects caught)"
