@@ -1,7 +1,8 @@
 //! RFC 2136 provider: DNS UPDATE signed with TSIG (RFC 8945), through hickory.
 //!
-//! Reads with a (signed) query to the primary itself, never through a resolver, so the answer
-//! is the zone's current state and not a cached one. Writes one UPDATE per record type that
+//! Reads with a plain query to the primary itself, never through a resolver, so the answer is
+//! the zone's current state and not a cached one (hickory signs UPDATEs only, not queries;
+//! a name's A/AAAA records are public anyway). Writes one UPDATE per record type that
 //! is atomic on the server (RFC 2136 §3.2-3.4): a prerequisite on the set just read
 //! (§2.4.2 "RRset exists, value dependent", or §2.4.3 "RRset does not exist" when it was
 //! empty), then "delete the RRset" (§2.5.2) and "add" each wanted record (§2.5.1). If another
