@@ -1,6 +1,8 @@
-//! The gateways engine: health checks of every gateway and egress routing over the healthy
-//! ones (`gateway-route-manager`), and the status board entry `gateways`. Its healthy set is
-//! forwarded into the daemon-wide watch in [`super::Shared`].
+//! The gateways engine: health checks of every gateway, egress routing over the healthy
+//! ones, return routing (per-gateway tables, fwmark rules and the nft table, which also carries
+//! the `egress.mode: consistent` bucket marking) — all from `gateway-route-manager` — and the
+//! status board entry `gateways`. Its healthy set is forwarded into the daemon-wide watch in
+//! [`super::Shared`].
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ pub(super) fn start(
     g: &Gateways,
     shared: &Shared,
     metrics: &grm::Metrics,
+    rr_metrics: &grm::ReturnRoutingMetrics,
     healthy_out: &watch::Sender<grm::HealthyGateways>,
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, String> {
@@ -25,9 +28,12 @@ pub(super) fn start(
     let (checker, healthy_rx) = grm::HealthChecker::new(health_settings(g), metrics.clone())
         .map_err(|e| format!("gateways.health: {e}"))?;
     let status_rx = checker.status();
-    let (settings, built) = egress_settings(g);
-    let manager = grm::EgressManager::new(settings, metrics.clone())
+    let manager = grm::EgressManager::new(egress_settings(g), metrics.clone())
         .map_err(|e| format!("gateways.egress: {e}"))?;
+    let return_routing =
+        grm::ReturnRoutingManager::new(return_routing_settings(g), rr_metrics.clone())
+            .map_err(|e| format!("gateways.return_routing: {e}"))?;
+    let rr_status = return_routing.status();
     tasks.push(tokio::spawn(checker.run(cancel.clone())));
     tasks.push(tokio::spawn(forward(
         healthy_rx.clone(),
@@ -35,34 +41,24 @@ pub(super) fn start(
         cancel.clone(),
     )));
     let ready = manager.first_reconcile_done();
-    if built {
-        tasks.push(tokio::spawn(
-            manager.run(healthy_rx.clone(), cancel.clone()),
-        ));
-    } else {
-        // A mode whose engine is not built must still never leak: run the egress manager
-        // on an always-empty healthy set, so only the kill switch is installed.
-        tracing::error!("gateways.egress.mode consistent: engine not built yet (issue 8); installing the kill switch only, client traffic to the Internet is dropped");
-        let (tx, rx) = watch::channel(grm::HealthyGateways {
-            complete: true,
-            ..Default::default()
-        });
-        let keep = cancel.clone();
-        tasks.push(tokio::spawn(async move {
-            manager.run(rx, keep).await;
-            drop(tx);
-        }));
-    }
-    let note = if built {
-        "managed"
-    } else {
-        "kill switch only: egress.mode consistent is not built yet (issue 8)"
+    tasks.push(tokio::spawn(
+        manager.run(healthy_rx.clone(), cancel.clone()),
+    ));
+    tasks.push(tokio::spawn(
+        return_routing.run(healthy_rx.clone(), cancel.clone()),
+    ));
+    let note = match g.egress.mode {
+        config::EgressMode::Consistent => {
+            "managed: consistent (nft bucket map -> per-gateway tables; kill switch in the egress table)"
+        }
+        _ => "managed",
     };
     tasks.push(tokio::spawn(publish_gateway_status(
         shared.board.clone(),
         status_rx,
         healthy_rx,
         Some(ready),
+        rr_status,
         note,
         cancel,
     )));
@@ -99,6 +95,7 @@ async fn publish_gateway_status(
     mut status: tokio::sync::watch::Receiver<Vec<grm::GatewayStatus>>,
     mut healthy: tokio::sync::watch::Receiver<grm::HealthyGateways>,
     mut egress_ready: Option<tokio::sync::watch::Receiver<bool>>,
+    mut return_routing: watch::Receiver<grm::ReturnRoutingStatus>,
     egress_note: &'static str,
     cancel: CancellationToken,
 ) {
@@ -108,6 +105,7 @@ async fn publish_gateway_status(
             .map_or_else(|| healthy.borrow().complete, |r| *r.borrow());
         let healthy_now: Vec<usize> = healthy.borrow().gateways.keys().copied().collect();
         let gateways = status.borrow().clone();
+        let rr = return_routing.borrow().clone();
         board.set(
             "gateways",
             ComponentStatus {
@@ -116,6 +114,7 @@ async fn publish_gateway_status(
                 detail: serde_json::json!({
                     "healthy": healthy_now,
                     "egress": egress_note,
+                    "return_routing": rr,
                     "gateways": gateways,
                 }),
             },
@@ -130,6 +129,7 @@ async fn publish_gateway_status(
             _ = cancel.cancelled() => return,
             r = status.changed() => if r.is_err() { return },
             r = healthy.changed() => if r.is_err() { return },
+            r = return_routing.changed() => if r.is_err() { return },
             ok = egress_changed => if !ok { egress_ready = None },
         }
     }
@@ -175,21 +175,18 @@ fn health_settings(g: &Gateways) -> grm::HealthSettings {
     }
 }
 
-/// The egress settings, and whether the configured mode's engine is built (`consistent` is
-/// not yet: it gets plain ecmp settings that only ever carry the kill switch).
-fn egress_settings(g: &Gateways) -> (grm::EgressSettings, bool) {
+/// The egress settings. In `consistent` mode egress keeps only the kill switch and its rules:
+/// the per-packet gateway choice is return routing's nft bucket map.
+fn egress_settings(g: &Gateways) -> grm::EgressSettings {
     let e = &g.egress;
     let mode = match e.mode {
         config::EgressMode::Ecmp => grm::egress::EgressMode::Ecmp,
         config::EgressMode::EcmpResilient => {
             grm::egress::EgressMode::EcmpResilient(Default::default())
         }
-        config::EgressMode::Consistent => grm::egress::EgressMode::Ecmp,
+        config::EgressMode::Consistent => grm::egress::EgressMode::Consistent,
     };
-    let built = e.mode != config::EgressMode::Consistent;
-    let probe_on = g.health.checks.contains(&HealthCheckKind::Probe);
-    let rr = &g.return_routing;
-    let settings = grm::EgressSettings {
+    grm::EgressSettings {
         interface: g.interface.clone(),
         gateways: g.addresses.value.clone(),
         mode,
@@ -202,14 +199,38 @@ fn egress_settings(g: &Gateways) -> (grm::EgressSettings, bool) {
             config::NoneHealthy::Blackhole => grm::egress::NoneHealthy::Blackhole,
             config::NoneHealthy::Unreachable => grm::egress::NoneHealthy::Unreachable,
         },
-        // Until return routing (issue 7) owns the per-gateway tables, the probe needs its own.
-        probe_routing: probe_on.then_some(grm::egress::ProbeRouting {
-            mark_base: rr.mark_base.value,
-            table_base: rr.table_base.value,
-            rule_priority_base: rr.rule_priority_base.value,
-        }),
         hash_seed: Some(e.hash_seed),
         ..Default::default()
-    };
-    (settings, built)
+    }
+}
+
+/// Return routing for every configured gateway (the probe check and consistent egress use the
+/// same per-gateway tables), plus the bucket marking in `consistent` mode.
+fn return_routing_settings(g: &Gateways) -> grm::ReturnRoutingSettings {
+    let e = &g.egress;
+    let rr = &g.return_routing;
+    let consistent = (e.mode == config::EgressMode::Consistent).then(|| {
+        let mut exclude = e.exclude.clone();
+        if e.exclude_reserved {
+            exclude.extend(grm::egress::reserved_ranges());
+        }
+        grm::return_routing::ConsistentSettings {
+            client_interface: g.interface.clone(),
+            destinations: e.destinations.clone(),
+            exclude,
+            hash_seed: e.hash_seed,
+            buckets: grm::consistent::table_size(g.addresses.value.len()),
+        }
+    });
+    grm::ReturnRoutingSettings {
+        interface: g.interface.clone(),
+        gateways: g.addresses.value.clone(),
+        ingress_vips: g.ingress_vips(),
+        mark_base: rr.mark_base.value,
+        table_base: rr.table_base.value,
+        rule_priority_base: rr.rule_priority_base.value,
+        foreign_tables: vec![e.table.value],
+        consistent,
+        ..Default::default()
+    }
 }

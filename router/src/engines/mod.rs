@@ -53,6 +53,7 @@ pub struct Engines {
     shared: Shared,
     publishers: Publishers,
     grm_metrics: grm::Metrics,
+    rr_metrics: grm::ReturnRoutingMetrics,
     gateways: Option<Running>,
     vrrp: vrrp::VrrpEngine,
     ddns: Option<Running>,
@@ -85,6 +86,8 @@ impl Engines {
     ) -> Self {
         let grm_metrics = grm::Metrics::new();
         grm_metrics.register(registry);
+        let rr_metrics = grm::ReturnRoutingMetrics::new();
+        rr_metrics.register(registry);
         let vrrp = vrrp::VrrpEngine::new(registry);
         let ddns_metrics = grm::ddns::DdnsMetrics::new();
         ddns_metrics.register(registry);
@@ -100,6 +103,7 @@ impl Engines {
             },
             publishers: Publishers { healthy, roles },
             grm_metrics,
+            rr_metrics,
             gateways: None,
             vrrp,
             ddns: None,
@@ -124,6 +128,7 @@ impl Engines {
             .map(|g| serde_json::to_value(g).unwrap_or_default());
         let (shared, metrics, healthy) =
             (&self.shared, &self.grm_metrics, &self.publishers.healthy);
+        let rr_metrics = &self.rr_metrics;
         reconcile(
             &mut self.gateways,
             &self.shared.board,
@@ -131,7 +136,7 @@ impl Engines {
             "gateways",
             section,
             |cancel| match &config.gateways {
-                Some(g) => gateways::start(g, shared, metrics, healthy, cancel),
+                Some(g) => gateways::start(g, shared, metrics, rr_metrics, healthy, cancel),
                 None => Ok(Vec::new()),
             },
         );
