@@ -4,8 +4,11 @@
 //! `plan` is pure and owns the ordering rules: new services first; per service a SET_SERVICE
 //! when its settings changed, destinations added (sorted by address, then port, so every router
 //! builds the same maglev table) before old ones are removed, and changed destinations updated
-//! in place with SET_DEST (never delete + add, which would drop their connections); services no
-//! longer desired are deleted last. It only ever touches services the `owned` predicate accepts,
+//! in place with SET_DEST (never delete + add for a weight change); services no longer desired
+//! are deleted last. For `mh`/`sh`, whose table follows the kernel's list order, an addition
+//! that would land out of order re-inserts the kept destinations that sort after it (deleted,
+//! then added back in sorted order in the same batch; the kernel restores them from its trash
+//! with their connections), so every router's list — and table — equals a fresh build's. It only ever touches services the `owned` predicate accepts,
 //! so services configured by someone else survive. A pass with nothing to change plans nothing
 //! and therefore writes nothing.
 
@@ -116,6 +119,63 @@ fn same_dest_settings(have: &Destination, want: &Destination) -> bool {
         && effective_tunnel(have) == effective_tunnel(want)
 }
 
+/// Schedulers whose lookup table is built by walking the service's destination list, so two
+/// routers with the same destinations but a different insertion history build different
+/// tables: `mh` (maglev, `ip_vs_mh_populate`) and `sh` (`ip_vs_sh_reassign`).
+fn table_depends_on_order(scheduler: &str) -> bool {
+    matches!(scheduler, "mh" | "sh")
+}
+
+/// Which destinations of an `mh`/`sh` service must be deleted and added again so that the
+/// kernel's list ends up as if every destination had been added once, in sorted order (what a
+/// router building the service from empty gets).
+///
+/// The kernel adds a destination at the head of the list (`list_add_rcu` in
+/// `__ip_vs_update_dest`) and a dump walks it from the head, so "added in sorted order" reads
+/// back as strictly descending; deleting keeps the others' order. `kernel_order` is the
+/// current list as dumped. The longest tail of kept destinations that is descending and below
+/// everything that will be (re-)added stays; the rest is re-added. Nothing is re-added when
+/// nothing new comes in, so a no-change pass stays empty and a restarted daemon adopts the
+/// list it finds.
+fn reinsert_for_order(
+    kernel_order: &[SocketAddr],
+    want: &BTreeMap<SocketAddr, &Destination>,
+) -> Vec<SocketAddr> {
+    let kept: Vec<SocketAddr> = kernel_order
+        .iter()
+        .copied()
+        .filter(|a| want.contains_key(a))
+        .collect();
+    let have: std::collections::BTreeSet<SocketAddr> = kernel_order.iter().copied().collect();
+    let Some(min_new) = want.keys().copied().find(|a| !have.contains(a)) else {
+        return Vec::new();
+    };
+    // j: start of the tail that stays. Walk from the end while the tail stays descending.
+    let mut j = kept.len();
+    while j > 0 {
+        let cand = kept[j - 1];
+        let descending = j == kept.len() || cand > kept[j];
+        if !descending {
+            break;
+        }
+        j -= 1;
+    }
+    // Everything before the tail (and every new destination) must sort after the tail's
+    // head; shrink the tail until it does.
+    while let Some(&head) = kept.get(j) {
+        let lowest_added = kept[..j]
+            .iter()
+            .copied()
+            .min()
+            .map_or(min_new, |m| m.min(min_new));
+        if lowest_added > head {
+            break;
+        }
+        j += 1;
+    }
+    kept[..j].to_vec()
+}
+
 /// The minimal ordered writes that turn `current` into `desired`, touching only services for
 /// which `owned` is true (desired services that are not owned are ignored too). Duplicate
 /// services or destinations in `desired`: the later entry wins.
@@ -151,9 +211,21 @@ pub fn plan(
         // BTreeMap on SocketAddr: IPv4 before IPv6, then address, then port.
         let want_dests: BTreeMap<SocketAddr, &Destination> =
             d.destinations.iter().map(|x| (x.addr, x)).collect();
-        let have_dests: BTreeMap<SocketAddr, &Destination> = current
+        let mut have_dests: BTreeMap<SocketAddr, &Destination> = current
             .map(|k| k.destinations.iter().map(|x| (x.addr, x)).collect())
             .unwrap_or_default();
+        if let (Some(k), true) = (current, table_depends_on_order(&d.service.scheduler)) {
+            // Re-insert the destinations that would otherwise end up out of order; they are
+            // then added below with the new ones, in sorted order, with their wanted settings.
+            let kernel_order: Vec<SocketAddr> = k.destinations.iter().map(|x| x.addr).collect();
+            for addr in reinsert_for_order(&kernel_order, &want_dests) {
+                ops.push(Op::DelDest {
+                    service: *key,
+                    addr,
+                });
+                have_dests.remove(&addr);
+            }
+        }
         for (addr, dest) in &want_dests {
             if !have_dests.contains_key(addr) {
                 ops.push(Op::NewDest {

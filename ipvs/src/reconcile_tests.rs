@@ -196,13 +196,23 @@ fn from_partial_state() {
         service: mh(key),
         destinations: vec![dest("192.168.27.2:6666", 1)],
     }];
+    // mh: .2 sorts after the new .1, so it is re-inserted to keep the list in fresh-build
+    // order (see mh_list_after_churn_matches_a_fresh_build).
     let (ops, _) = converge(&want, &current);
     assert_eq!(
         ops,
         vec![
+            Op::DelDest {
+                service: key,
+                addr: sa("192.168.27.2:6666")
+            },
             Op::NewDest {
                 service: key,
                 dest: dest("192.168.27.1:6666", 1)
+            },
+            Op::NewDest {
+                service: key,
+                dest: dest("192.168.27.2:6666", 1)
             },
             Op::NewDest {
                 service: key,
@@ -210,6 +220,15 @@ fn from_partial_state() {
             },
         ]
     );
+    // Any other scheduler just adds the missing ones.
+    let rr = |d| desired(Service::new(key, "rr"), d);
+    let want_rr = vec![rr(want[0].destinations.clone())];
+    let current_rr = vec![KernelService {
+        service: Service::new(key, "rr"),
+        destinations: vec![dest("192.168.27.2:6666", 1)],
+    }];
+    let (ops, _) = converge(&want_rr, &current_rr);
+    assert_eq!(ops.len(), 2);
 }
 
 #[test]
@@ -575,4 +594,132 @@ fn large_plan_from_empty_and_resync() {
         .collect();
     let (ops, _) = converge(&want, &[]);
     assert_eq!(ops.len(), 1000 + 16_000);
+}
+
+/// mh/sh: after a destination left and came back, the kernel's list must be the one a router
+/// building the service from empty gets (the maglev table follows the list order).
+#[test]
+fn mh_list_after_churn_matches_a_fresh_build() {
+    let key = vip_key(6666);
+    let all5: Vec<Destination> = (1..=5)
+        .map(|i| dest(&format!("192.168.27.{i}:6666"), 1))
+        .collect();
+    let want_all = vec![desired(mh(key), all5.clone())];
+    let (_, fresh) = converge(&want_all, &[]);
+    let fresh_order: Vec<SocketAddr> = fresh[0].destinations.iter().map(|d| d.addr).collect();
+    // Dumped head first: added in ascending order reads back descending.
+    assert_eq!(fresh_order[0], sa("192.168.27.5:6666"));
+
+    // .3 goes away (on_failure: remove) and comes back.
+    let without3: Vec<Destination> = all5
+        .iter()
+        .filter(|d| d.addr != sa("192.168.27.3:6666"))
+        .cloned()
+        .collect();
+    let (_, after_remove) = converge(&[desired(mh(key), without3)], &fresh);
+    let (ops, back) = converge(&want_all, &after_remove);
+    let order: Vec<SocketAddr> = back[0].destinations.iter().map(|d| d.addr).collect();
+    assert_eq!(order, fresh_order);
+    // Only the two that sort after .3 are re-inserted, deleted first then added in order.
+    assert_eq!(
+        ops,
+        vec![
+            Op::DelDest {
+                service: key,
+                addr: sa("192.168.27.5:6666")
+            },
+            Op::DelDest {
+                service: key,
+                addr: sa("192.168.27.4:6666")
+            },
+            Op::NewDest {
+                service: key,
+                dest: dest("192.168.27.3:6666", 1)
+            },
+            Op::NewDest {
+                service: key,
+                dest: dest("192.168.27.4:6666", 1)
+            },
+            Op::NewDest {
+                service: key,
+                dest: dest("192.168.27.5:6666", 1)
+            },
+        ]
+    );
+
+    // A new destination that sorts last needs no re-insertion.
+    let mut six = all5.clone();
+    six.push(dest("192.168.27.6:6666", 1));
+    let (ops, _) = converge(&[desired(mh(key), six)], &fresh);
+    assert_eq!(
+        ops,
+        vec![Op::NewDest {
+            service: key,
+            dest: dest("192.168.27.6:6666", 1)
+        }]
+    );
+
+    // A list someone built in another order is fixed on the next addition, and converges.
+    let scrambled = vec![KernelService {
+        service: mh(key),
+        destinations: vec![
+            dest("192.168.27.2:6666", 1),
+            dest("192.168.27.5:6666", 1),
+            dest("192.168.27.1:6666", 1),
+        ],
+    }];
+    let want = vec![desired(
+        mh(key),
+        vec![
+            dest("192.168.27.1:6666", 1),
+            dest("192.168.27.2:6666", 1),
+            dest("192.168.27.4:6666", 1),
+            dest("192.168.27.5:6666", 1),
+        ],
+    )];
+    let (_, fixed) = converge(&want, &scrambled);
+    let (_, fresh4) = converge(&want, &[]);
+    assert_eq!(fixed[0].destinations, fresh4[0].destinations);
+    // ... but without an addition it is adopted as it is (no write).
+    assert_eq!(
+        plan(
+            &[desired(
+                mh(key),
+                vec![
+                    dest("192.168.27.1:6666", 1),
+                    dest("192.168.27.2:6666", 1),
+                    dest("192.168.27.5:6666", 1)
+                ]
+            )],
+            &scrambled,
+            all
+        ),
+        vec![]
+    );
+}
+
+#[test]
+fn order_independent_schedulers_are_never_reinserted() {
+    let key = vip_key(6666);
+    let rr = Service::new(key, "rr");
+    let current = vec![KernelService {
+        service: rr.clone(),
+        destinations: vec![dest("192.168.27.5:6666", 1), dest("192.168.27.1:6666", 1)],
+    }];
+    let want = vec![desired(
+        rr,
+        vec![
+            dest("192.168.27.1:6666", 1),
+            dest("192.168.27.3:6666", 1),
+            dest("192.168.27.5:6666", 1),
+        ],
+    )];
+    let (ops, _) = converge(&want, &current);
+    assert_eq!(
+        ops,
+        vec![Op::NewDest {
+            service: key,
+            dest: dest("192.168.27.3:6666", 1)
+        }]
+    );
 }

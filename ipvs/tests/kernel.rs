@@ -623,3 +623,63 @@ async fn apply_reports_every_failure_and_goes_on() {
     );
     assert_eq!(c.dests(&key).await.unwrap().len(), 2);
 }
+
+/// mh builds its table by walking the destination list, whose order is the insertion history.
+/// A destination that leaves and comes back must leave the list exactly as a service built
+/// from empty has it, so every router computes the same maglev table.
+#[tokio::test]
+#[ignore = "needs a kernel with IPVS: make test-vm"]
+async fn mh_list_order_after_churn_equals_a_fresh_build() {
+    let c = client().await;
+    let r = Reconciler::new(c.clone(), owned_vips);
+    let svc = |port: u16, hosts: &[u8]| DesiredService {
+        service: mh(ServiceKey::tcp(SocketAddr::new(
+            "10.255.0.1".parse().unwrap(),
+            port,
+        ))),
+        destinations: hosts
+            .iter()
+            .map(|i| masq(&format!("10.255.1.{i}:80"), 1))
+            .collect(),
+    };
+    let all = [1u8, 2, 3, 4, 5];
+    let out = r
+        .reconcile(&[svc(6666, &all), svc(7777, &all)])
+        .await
+        .unwrap();
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    // Churn on 7777 only: .3 removed, then back.
+    let out = r
+        .reconcile(&[svc(6666, &all), svc(7777, &[1, 2, 4, 5])])
+        .await
+        .unwrap();
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let out = r
+        .reconcile(&[svc(6666, &all), svc(7777, &all)])
+        .await
+        .unwrap();
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    // The kernel's list order, as our client dumps it (head first); ports differ, so compare
+    // addresses.
+    let mut orders = Vec::new();
+    for port in [6666u16, 7777] {
+        let key = ServiceKey::tcp(SocketAddr::new("10.255.0.1".parse().unwrap(), port));
+        let d: Vec<SocketAddr> = c
+            .dests(&key)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.destination.addr)
+            .collect();
+        orders.push(d);
+    }
+    let (fresh, churned) = (orders[0].clone(), orders[1].clone());
+    assert_eq!(fresh.len(), 5);
+    assert_eq!(fresh, churned, "kernel list order differs after churn");
+    // And a no-change pass after all that writes nothing.
+    let w = c.writes_sent();
+    r.reconcile(&[svc(6666, &all), svc(7777, &all)])
+        .await
+        .unwrap();
+    assert_eq!(c.writes_sent(), w);
+}
