@@ -45,11 +45,13 @@ test-vm:
 	bash tests/vm/test-ipvs.sh
 
 # deploy/: yamllint, kubernetes-validate --strict, reduced checks of the CRD kinds, the router
-# config inside the ConfigMap through check-config, and a self-test (deploy/validate.sh).
+# config inside the ConfigMap through check-config, and a self-test (deploy/validate.sh); then
+# that config run as the Deployment runs it, in namespaces (deploy/podlike-test.sh, root).
 test-deploy: deps
 	$(CARGO) build --bin vpn-router
-	shellcheck deploy/validate.sh
+	shellcheck deploy/validate.sh deploy/podlike-test.sh
 	bash deploy/validate.sh
+	bash deploy/podlike-test.sh
 
 test: deps lint test-cargo test-vm test-deploy
 	@echo "make test: all tiers passed"

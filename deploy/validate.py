@@ -611,6 +611,8 @@ def check_router(objs, nads, out_dir):
 
     # sysctls
     have = {s["name"]: str(s["value"]) for s in (pod_spec(router).get("securityContext") or {}).get("sysctls") or []}
+    with open(os.path.join(out_dir, "pod-sysctls.txt"), "w", encoding="utf-8") as f:
+        f.writelines(f"{k}={v}\n" for k, v in have.items())
     want = wanted_sysctls(cfg)
     if have != want:
         err(where, f"securityContext.sysctls {have} differ from what the config needs {want} (router/src/sysctl.rs)")
