@@ -118,14 +118,22 @@ pub(super) fn start(
     )));
     let board = shared.board.clone();
     let metrics = metrics.clone();
+    let mut writer_rx = writer_rx;
     let hostname = settings.hostname.clone();
     let provider = settings.provider.name();
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
+            // Every second (errors, last success) and at once when the role changes.
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => {}
+                r = writer_rx.changed() => {
+                    if r.is_err() {
+                        cancel.cancelled().await;
+                        return;
+                    }
+                }
             }
             let error = metrics.last_error();
             board.set(
@@ -142,7 +150,7 @@ pub(super) fn start(
                     detail: serde_json::json!({
                         "hostname": hostname,
                         "provider": provider,
-                        "writer": *writer_rx.borrow(),
+                        "writer": *writer_rx.borrow_and_update(),
                         "records": metrics.records_published(),
                         "last_success_timestamp_seconds": metrics.last_success.get(),
                         "error": error,
