@@ -195,6 +195,8 @@ fn rfc2136_publishes_healthy_set_and_follows_changes() {
         runtime().block_on(async {
             let mut s = settings("ddns-key", &secret);
             s.resync_interval = Duration::from_millis(500);
+            // The daemon's default, so the latency below is what a deployment sees.
+            s.debounce = Duration::from_millis(250);
             let mut r = start(3, s, true);
             // All three healthy: the name answers all three public IPs.
             wait_dns(&lab, &publics(&[0, 1, 2]), Duration::from_secs(10)).await;
@@ -212,28 +214,39 @@ fn rfc2136_publishes_healthy_set_and_follows_changes() {
             assert_eq!(r.metrics.updates_count("rfc2136", "written"), written, "a resync wrote");
             assert_eq!(soa_serial(&lab), serial, "the zone changed without a change of the set");
 
-            // Gateway 1 breaks: it leaves the answer. Measure from the healthy-set change (what
-            // DDNS reacts to) and from the break itself (includes the health checker's fall).
-            let broke = Instant::now();
-            tokio::task::block_in_place(|| lab.gateway(1).break_as(GatewayBreak::ApiStopped).unwrap());
-            r.healthy.mark_unchanged();
-            while r.healthy.borrow().contains(1) {
-                tokio::time::timeout(Duration::from_secs(5), r.healthy.changed()).await.unwrap().unwrap();
+            // Gateway 1 breaks and is repaired, `DDNS_ROUNDS` times (default 3): it leaves the
+            // answer and comes back. Latency is measured from the healthy-set change (what DDNS
+            // reacts to) to named answering the new set, with the daemon's default debounce.
+            let rounds: usize = std::env::var("DDNS_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+            let mut latencies = Vec::new();
+            for _ in 0..rounds {
+                for (broken, want) in [(true, publics(&[0, 2])), (false, publics(&[0, 1, 2]))] {
+                    r.healthy.mark_unchanged();
+                    tokio::task::block_in_place(|| {
+                        if broken {
+                            lab.gateway(1).break_as(GatewayBreak::ApiStopped).unwrap()
+                        } else {
+                            lab.gateway(1).repair().unwrap()
+                        }
+                    });
+                    while r.healthy.borrow().contains(1) == broken {
+                        tokio::time::timeout(Duration::from_secs(5), r.healthy.changed()).await.unwrap().unwrap();
+                    }
+                    let set_changed = Instant::now();
+                    wait_dns(&lab, &want, Duration::from_secs(5)).await;
+                    latencies.push(set_changed.elapsed());
+                }
             }
-            let set_changed = Instant::now();
-            wait_dns(&lab, &publics(&[0, 2]), Duration::from_secs(5)).await;
-            let ddns_latency = set_changed.elapsed();
+            latencies.sort();
+            let ms: Vec<u128> = latencies.iter().map(|d| d.as_millis()).collect();
             eprintln!(
-                "DDNS latency (rfc2136, named in the lab): healthy-set change -> DNS answers the new set: {} ms; gateway break -> answer: {} ms",
-                ddns_latency.as_millis(),
-                broke.elapsed().as_millis()
+                "DDNS latency (rfc2136 to named, debounce 250 ms), healthy-set change -> dig answers the new set, {} changes: median {} ms, max {} ms, all {ms:?}",
+                ms.len(),
+                ms[ms.len() / 2],
+                ms[ms.len() - 1]
             );
-            assert!(ddns_latency <= Duration::from_secs(2), "DDNS took {ddns_latency:?} (target <= 2 s)");
+            assert!(latencies[latencies.len() - 1] <= Duration::from_secs(2), "DDNS took {:?} (target <= 2 s)", latencies[latencies.len() - 1]);
             assert_eq!(r.metrics.current_error(), None, "{:?}", r.metrics.last_error());
-
-            // It comes back when repaired.
-            tokio::task::block_in_place(|| lab.gateway(1).repair().unwrap());
-            wait_dns(&lab, &publics(&[0, 1, 2]), Duration::from_secs(5)).await;
 
             // A record added by hand for the name is drift: the resync removes it. A record of
             // another name is not ours and stays.
