@@ -223,3 +223,37 @@ fn secrets_never_show_in_debug_or_json() {
     }
     assert!(json.contains("<redacted>"));
 }
+
+#[test]
+fn ddns_api_url_is_optional_checked_and_trimmed() {
+    std::env::set_var("VPN_ROUTER_TEST_CF_TOKEN", "cf-token");
+    let base = "gateways: { interface: eth1, addresses: 192.168.25.128 }\nddns:\n  hostname: vpn.example.com\n  provider:\n";
+    let cf = |extra: &str| {
+        format!("{base}    cloudflare: {{ zone_id: abc, api_token: \"${{VPN_ROUTER_TEST_CF_TOKEN}}\"{extra} }}\n")
+    };
+    let url = |text: &str| match load_text(text).unwrap().config.ddns.unwrap().provider {
+        DdnsProvider::Cloudflare { api_url, .. } => api_url,
+        p => panic!("{p:?}"),
+    };
+    assert_eq!(url(&cf("")), None);
+    assert_eq!(
+        url(&cf(", api_url: http://127.0.0.1:8080/client/v4/")).as_deref(),
+        Some("http://127.0.0.1:8080/client/v4")
+    );
+    let errs = load_text(&cf(", api_url: ftp://example.com"))
+        .unwrap_err()
+        .lines();
+    assert!(
+        errs[0].contains("ddns.provider.cloudflare.api_url")
+            && errs[0].contains("expected https://"),
+        "{errs:?}"
+    );
+    std::env::set_var("VPN_ROUTER_TEST_DYNU_KEY", "dynu-key");
+    let dynu = format!("{base}    dynu: {{ api_key: \"${{VPN_ROUTER_TEST_DYNU_KEY}}\", api_url: \"https://api.dynu.com/v2\" }}\n");
+    match load_text(&dynu).unwrap().config.ddns.unwrap().provider {
+        DdnsProvider::Dynu { api_url, .. } => {
+            assert_eq!(api_url.as_deref(), Some("https://api.dynu.com/v2"))
+        }
+        p => panic!("{p:?}"),
+    }
+}

@@ -165,6 +165,49 @@ pub(super) fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{At, Secret, SecretSource};
+
+    #[test]
+    fn provider_urls_default_to_the_real_apis() {
+        let secret = Secret::new("k".into(), SecretSource::Env("K".into()));
+        let d = |provider| Ddns {
+            hostname: At {
+                value: "vpn.example.com".into(),
+                at: crate::config::Location { line: 1, column: 1 },
+            },
+            ttl: Duration::from_secs(60),
+            only_when_master: None,
+            max_records: 4,
+            provider,
+        };
+        let s = settings(
+            &d(DdnsProvider::Cloudflare {
+                zone_id: "z".into(),
+                api_token: secret.clone(),
+                api_url: None,
+            }),
+            SystemTime::UNIX_EPOCH,
+        );
+        match &s.provider {
+            ProviderSettings::Cloudflare(c) => assert_eq!(c.api_url, ddns::CLOUDFLARE_API_URL),
+            p => panic!("{p:?}"),
+        }
+        let s = settings(
+            &d(DdnsProvider::Dynu {
+                api_key: secret,
+                api_url: Some("http://127.0.0.1:1/v2".into()),
+            }),
+            SystemTime::UNIX_EPOCH,
+        );
+        match &s.provider {
+            ProviderSettings::Dynu(c) => assert_eq!(c.api_url, "http://127.0.0.1:1/v2"),
+            p => panic!("{p:?}"),
+        }
+        assert_eq!(
+            (s.hostname.as_str(), s.max_records, s.ttl_secs()),
+            ("vpn.example.com", 4, 60)
+        );
+    }
 
     #[test]
     fn writer_follows_the_named_instance_only() {
