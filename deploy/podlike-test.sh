@@ -122,6 +122,17 @@ for i in 0 1; do
   [[ $(readyz "${R[$i]}") == *" 200 "* ]] || { logs; fail "router $((i + 1)) is not Ready after 10 s: $(readyz "${R[$i]}")"; }
   grep -q 'Read-only file system' "$work/r$i.log" && { logs; fail "router $((i + 1)) tried to write a sysctl the pod spec does not preset"; }
 done
+# No component may be degraded (a refused nft or netlink call under the two capabilities).
+for i in 0 1; do
+  ip netns exec "${R[$i]}" "$bin" status --api 127.0.0.1:9090 --json >"$work/status$i.json" ||
+    { logs; fail "router $((i + 1)): vpn-router status failed"; }
+  comps=$("$venv/bin/python" -c '
+import json, sys
+comps = json.load(open(sys.argv[1])).get("components") or {}
+print(" ".join(sorted(comps)))
+sys.exit(0 if comps and all(c.get("state") == "running" for c in comps.values()) else 1)
+' "$work/status$i.json") || { cat "$work/status$i.json" >&2; logs; fail "router $((i + 1)): a component is not running"; }
+done
 masters=0
 for i in 0 1; do if holds_vip "${R[$i]}"; then masters=$((masters + 1)); m=$i; fi; done
 [ "$masters" = 1 ] || { logs; fail "$masters routers hold the egress VIP; expected exactly 1"; }
@@ -145,4 +156,5 @@ if holds_vip "${R[$m]}"; then logs; fail "the stopped master left the VIP behind
 grep -q '"reason":"shutdown_handed_off"' "$work/r$m.log" ||
   { logs; fail "the master did not log a handoff to the other router (reason shutdown_handed_off)"; }
 ip netns exec "$C" ping -c 2 -i 0.2 -W 1 -q 192.168.26.254 >/dev/null || { logs; fail "the client cannot reach the VIP on the new master"; }
+echo "deploy/podlike: components running on both routers: $comps"
 echo "deploy/podlike: ok (2 routers Ready under read-only /proc/sys with NET_ADMIN+NET_RAW only; SIGTERM handed the VIP over, master stopped in $ms ms of ${grace} s grace)"
