@@ -137,6 +137,12 @@ impl<P: Provider> Engine<P> {
             if was_writer != Some(writer) {
                 tracing::info!(hostname = %s.hostname, writer, "ddns: {}", if writer { "this router writes the name" } else { "not the master: not writing the name" });
                 self.metrics.writer.set(i64::from(writer));
+                if !writer {
+                    // The error gauge describes this router's own attempts; a backup makes none.
+                    self.metrics.set_error_message(None);
+                    last_error = None;
+                    backoff = s.retry_initial;
+                }
                 was_writer = Some(writer);
             }
             if !writer || !set.complete {

@@ -135,6 +135,10 @@ pub(super) fn start(
                     }
                 }
             }
+            if cancel.is_cancelled() {
+                // The section was removed or replaced: do not bring the entry back.
+                return;
+            }
             let error = metrics.last_error();
             board.set(
                 "ddns",

@@ -271,3 +271,20 @@ async fn mastership_lost_while_reading_means_no_write() {
     assert_eq!(total, 0);
     h.cancel.cancel();
 }
+
+#[tokio::test(start_paused = true)]
+async fn becoming_backup_clears_the_error_of_the_masters_attempts() {
+    let fake = Fake::default();
+    fake.state()
+        .fail_reads
+        .push_back(DdnsError::Auth("key refused".into()));
+    let h = start(settings(), fake, set(&[0]), true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.metrics.current_error(), Some("auth"));
+    assert_eq!(h.metrics.last_error().as_deref(), Some("key refused"));
+    h.master.send(false).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.metrics.current_error(), None);
+    assert_eq!(h.fake.state().reads.len(), 1, "a backup retried");
+    h.cancel.cancel();
+}
