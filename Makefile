@@ -60,8 +60,14 @@ demo: deps
 	$(CARGO) build --bin vpn-router --bin vpn-router-lab
 	VPN_ROUTER_BIN=./target/debug/vpn-router ./target/debug/vpn-router-lab demo
 
-bench:
-	@echo "make bench: no benchmark scenario has landed yet (see docs/benchmarks.md)" >&2; exit 1
+# make bench [SCENARIO=ipvs|gateway-loss|flows|vrrp] [BENCH_ARGS="--vrrp-trials 5 ..."]: release
+# build, then every scenario (or one) side by side with its reference tool; tables on stdout.
+SCENARIO ?= all
+BENCH_ARGS ?=
+bench: deps
+	@if [ "$$(id -u)" != 0 ]; then echo "make bench: needs root (network namespaces, keepalived, the IPVS VM)" >&2; exit 1; fi
+	$(CARGO) build --release --bin vpn-router --bin vpn-router-lab --bin vpn-router-bench --example ipvs-bench
+	./target/release/vpn-router-bench $(SCENARIO) $(BENCH_ARGS)
 
 clean:
 	$(CARGO) clean
