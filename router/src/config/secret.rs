@@ -1,9 +1,17 @@
 //! Secrets (gluetun passwords, API keys, TSIG keys): read from a file or an environment
 //! variable when the config is loaded, held in memory, and never printed — `Debug` and
 //! `Serialize` show `<redacted>` and where the secret came from, never its bytes.
+//!
+//! `Serialize` also shows a short fingerprint: a keyed hash whose key is random per process,
+//! so it says nothing about the value to anyone outside the process, but two loads of the
+//! same file compare equal and a rotated secret does not. The engines compare their config
+//! sections as JSON to decide whether a reload restarts them; without the fingerprint a
+//! secret rotated in place (a Kubernetes Secret update) would be ignored by SIGHUP.
 
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Where a secret was read from; safe to show in logs and /status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +47,14 @@ impl Secret {
 
     pub fn source(&self) -> &SecretSource {
         &self.source
+    }
+
+    /// 32 bits of a hash keyed with this process's random key: equal for equal secrets
+    /// within one process, meaningless outside it.
+    fn fingerprint(&self) -> u32 {
+        static KEY: OnceLock<RandomState> = OnceLock::new();
+        let h = KEY.get_or_init(RandomState::new).hash_one(&self.value);
+        (h >> 32) as u32
     }
 
     /// Reads a secret file. Trailing newlines are dropped: `echo secret > file` is the common
@@ -83,13 +99,28 @@ impl fmt::Debug for Secret {
 
 impl serde::Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("<redacted> (from {})", self.source))
+        s.serialize_str(&format!(
+            "<redacted> (from {}, fingerprint {:08x})",
+            self.source,
+            self.fingerprint()
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotated_secret_serializes_differently() {
+        let src = || SecretSource::File(PathBuf::from("/run/secrets/x"));
+        let a = serde_json::to_string(&Secret::new("one".into(), src())).unwrap();
+        let again = serde_json::to_string(&Secret::new("one".into(), src())).unwrap();
+        let rotated = serde_json::to_string(&Secret::new("two".into(), src())).unwrap();
+        assert_eq!(a, again);
+        assert_ne!(a, rotated);
+        assert!(!rotated.contains("two"), "{rotated}");
+    }
 
     #[test]
     fn debug_and_serialize_never_show_the_value() {
