@@ -43,6 +43,7 @@ test-cargo:
 test-vm:
 	bash tests/vm/selftest.sh
 	bash tests/vm/test-ipvs.sh
+	bash tests/vm/test-ingress.sh
 
 # deploy/: yamllint, kubernetes-validate --strict, reduced checks of the CRD kinds, the router
 # config inside the ConfigMap through check-config, and a self-test (deploy/validate.sh); then
