@@ -109,6 +109,7 @@ impl<P: Provider> Engine<P> {
         let mut was_writer: Option<bool> = None;
         let mut healthy_open = true;
         let mut master_open = true;
+        let mut kept_for_empty = false;
         // Set by a 429: new inputs do not bring the next attempt before this.
         let mut not_before = Instant::now();
         loop {
@@ -152,6 +153,18 @@ impl<P: Provider> Engine<P> {
                 continue;
             }
             let wanted = wanted_records(&set, s.max_records);
+            if wanted.is_empty() {
+                // No healthy gateway with a public IP: keep what is published. Emptying the
+                // name gains nothing (no gateway answers anyway) and resolvers would cache
+                // the negative answer for the zone's SOA minimum, delaying recovery.
+                if !kept_for_empty {
+                    tracing::warn!(hostname = %s.hostname, "ddns: no healthy gateway has a public IP; keeping the published records until one has");
+                    kept_for_empty = true;
+                }
+                due = None;
+                continue;
+            }
+            kept_for_empty = false;
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = self.reconcile(&wanted, &is_master) => r,

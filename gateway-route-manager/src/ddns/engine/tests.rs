@@ -233,6 +233,24 @@ async fn rate_limit_is_respected_even_when_inputs_change() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn no_healthy_gateway_keeps_the_published_records() {
+    let h = start(settings(), Fake::default(), set(&[0, 1]), true);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(a_writes(&h), [vec![public(0), public(1)]]);
+    h.healthy.send(set(&[])).unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(a_writes(&h).len(), 1, "emptied the name");
+    assert_eq!(
+        h.fake.state().records.get(&RecordType::A),
+        Some(&vec![public(0), public(1)])
+    );
+    h.healthy.send(set(&[1])).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(a_writes(&h).last(), Some(&vec![public(1)]));
+    h.cancel.cancel();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_backup_never_reads_nor_writes_and_an_incomplete_set_waits() {
     let h = start(settings(), Fake::default(), set(&[0]), false);
     h.healthy.send(set(&[0, 1])).unwrap();
