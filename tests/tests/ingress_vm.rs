@@ -86,7 +86,11 @@ fn wait_for<T>(what: &str, lab: &Lab, mut f: impl FnMut() -> Option<T>) -> (T, D
 type ServerStates = BTreeMap<String, (String, Option<u64>)>;
 
 fn real_servers(lab: &Lab, vs: &str) -> Option<(bool, ServerStates)> {
-    let st = lab.router(0).status().ok()?;
+    real_servers_on(lab, 0, vs)
+}
+
+fn real_servers_on(lab: &Lab, k: usize, vs: &str) -> Option<(bool, ServerStates)> {
+    let st = lab.router(k).status().ok()?;
     let ing = &st["components"]["ingress"];
     let ready = ing["ready"].as_bool()?;
     let v = ing["detail"]["virtual_servers"]
@@ -357,7 +361,7 @@ fn ingress_path_through_gateways_with_ipvs() {
         .lab_bin(LAB_BIN)
         .router_bin(&router_bin)
         .gateways(GATEWAYS)
-        .routers(1)
+        .routers(2)
         .clients(1)
         .ingress_pods(PODS)
         .dns(false)
@@ -366,8 +370,8 @@ fn ingress_path_through_gateways_with_ipvs() {
         .build()
         .unwrap_or_else(|e| panic!("building the lab failed: {e}"));
     let resolvers = start_resolvers(&lab);
-    lab.router(0)
-        .rewrite_config(|y| {
+    for r in lab.routers() {
+        r.rewrite_config(|y| {
             assert!(y.contains("rise: 1, fall: 2"), "lab config changed:\n{y}");
             let y = y.replace("rise: 1, fall: 2", "rise: 2, fall: 2");
             // The DNS virtual server goes right after port-1 (still inside `ingress:`).
@@ -378,7 +382,10 @@ fn ingress_path_through_gateways_with_ipvs() {
             format!("{}{DNS_VS}{}", &y[..at], &y[at..])
         })
         .unwrap();
-    lab.router(0).start().unwrap();
+    }
+    for r in lab.routers() {
+        r.start().unwrap();
+    }
     println!("RESULT lab_setup_s={:.2}", t_build.elapsed().as_secs_f64());
 
     // Ready: VIPs held, every ingress pod up (weight 1), the two resolvers in.
@@ -393,10 +400,27 @@ fn ingress_path_through_gateways_with_ipvs() {
             });
             let (_, d) = real_servers(&lab, "dns")?;
             let dns_up = d.values().filter(|s| s.0 == "up").count() == RESOLVERS.len();
-            (ready && up && dns_up && lab.router(0).holds_egress_vip()).then_some(())
+            let backup_ready = real_servers_on(&lab, 1, "port-1")?.0;
+            (ready && backup_ready && up && dns_up && lab.router(0).holds_egress_vip())
+                .then_some(())
         },
     );
     println!("RESULT ready_after_start_s={:.2}", t_ready.as_secs_f64());
+    // The backup router has the same services, destinations, weights and destination order
+    // (the order the maglev table is built from) as the master.
+    let (_, t_same) = wait_for(
+        "the backup's IPVS table to equal the master's",
+        &lab,
+        || {
+            let a = lab.router(0).ns.exec("ipvsadm", &["-Ln"]).ok()?;
+            let b = lab.router(1).ns.exec("ipvsadm", &["-Ln"]).ok()?;
+            (a == b).then_some(())
+        },
+    );
+    println!(
+        "RESULT backup_ipvs_identical_after_s={:.2}",
+        t_same.as_secs_f64()
+    );
     let (_, m) = real_servers(&lab, "port-1").unwrap();
     // Quiesce keeps every candidate of the /28 (14 hosts) with weight 0 when not up.
     assert_eq!(m.len(), 14, "{m:?}");
@@ -599,22 +623,73 @@ fn ingress_path_through_gateways_with_ipvs() {
     }
     println!("RESULT dns_queries=20 ok=20 resolvers_seen={answered:?}");
 
-    // Kernel counters reach /metrics.
-    let metrics = lab.router(0).api_get("/metrics").unwrap().body;
+    // 6. Router failover: the master's pod dies; the backup takes the VIPs and serves new
+    // connections; connections opened through the old master continue on the same pod (same
+    // maglev table on both routers, sloppy_tcp adopts them mid-stream).
+    let mut held = Vec::new();
+    for i in 0..GATEWAYS {
+        for _ in 0..4 {
+            let s = open_held(&inet, i).unwrap();
+            let sport = s.local_addr().unwrap().port();
+            held.push((i, sport, s));
+        }
+    }
+    let conns = ipvs_conns(&lab);
+    let owner: Vec<String> = held
+        .iter()
+        .map(|(_, sport, _)| conns.get(sport).cloned().unwrap_or_default())
+        .collect();
+    let metrics_before = lab.router(0).api_get("/metrics").unwrap().body;
+    let t_kill = Instant::now();
+    lab.router(0).kill_pod().unwrap();
+    let (_, t_takeover) = wait_for("router 1 to take the VIPs", &lab, || {
+        lab.router(1).holds_egress_vip().then_some(())
+    });
+    println!(
+        "RESULT failover_vip_takeover_s={:.2}",
+        t_takeover.as_secs_f64()
+    );
+    let mut kept = 0;
+    let mut broken = Vec::new();
+    for ((i, sport, s), o) in held.into_iter().zip(&owner) {
+        let expect = (0..PODS)
+            .find(|&p| &pod_addr(p) == o)
+            .map(|p| format!("ingress-pod-{p}"))
+            .unwrap_or_default();
+        match whoami_on(s) {
+            Ok((server, _)) if server == expect => kept += 1,
+            Ok((server, _)) => broken.push(format!("gw {i} port {sport}: {expect} -> {server}")),
+            Err(e) => broken.push(format!("gw {i} port {sport} on {expect}: {e}")),
+        }
+    }
+    let n_held = owner.len();
+    println!(
+        "RESULT failover_held_connections_kept={kept}/{n_held} after_s={:.2} broken={broken:?}",
+        t_kill.elapsed().as_secs_f64()
+    );
+    let mut served_new = 0;
+    for i in 0..GATEWAYS {
+        for _ in 0..per_gateway {
+            let (server, _) =
+                whoami(&inet, i).unwrap_or_else(|e| panic!("after failover, gateway {i}: {e}"));
+            assert!(server.starts_with("ingress-pod-"));
+            served_new += 1;
+        }
+    }
+    println!("RESULT failover_new_connections={n} ok={served_new}");
+    assert_eq!(
+        kept, n_held,
+        "connections broken by the router failover: {broken:?}"
+    );
+
+    // Kernel counters reach /metrics (read before router 0 died).
+    let metrics = metrics_before;
     for want in [
         "vpn_router_ipvs_destination_connections_total{virtual_server=\"port-1\"",
         "vpn_router_ingress_real_servers_up{virtual_server=\"port-1\"} 4",
         "vpn_router_ingress_check_duration_seconds_bucket",
     ] {
-        wait_for(&format!("{want} in /metrics"), &lab, || {
-            lab.router(0)
-                .api_get("/metrics")
-                .ok()?
-                .body
-                .contains(want)
-                .then_some(())
-        });
+        assert!(metrics.contains(want), "{want} not in /metrics:\n{metrics}");
     }
-    let _ = metrics;
     drop(resolvers);
 }
