@@ -38,20 +38,13 @@ pub async fn run(
     if matches!(kind, RealServerCheckKind::None) {
         return Ok(());
     }
-    // A `udp` check without `expect` passes when no ICMP error comes back within half the
-    // timeout (at most 200 ms).
-    let quiet = (timeout / 2).min(Duration::from_millis(200));
-    match tokio::time::timeout(timeout, probe(kind, addr, quiet)).await {
+    match tokio::time::timeout(timeout, probe(kind, addr)).await {
         Ok(r) => r,
         Err(_) => Err(CheckError::Timeout(timeout)),
     }
 }
 
-async fn probe(
-    kind: &RealServerCheckKind,
-    addr: SocketAddr,
-    quiet: Duration,
-) -> Result<(), CheckError> {
+async fn probe(kind: &RealServerCheckKind, addr: SocketAddr) -> Result<(), CheckError> {
     match kind {
         RealServerCheckKind::None => Ok(()),
         RealServerCheckKind::Tcp => {
@@ -65,7 +58,7 @@ async fn probe(
             expect_status,
         } => http(addr, path, *expect_status).await,
         RealServerCheckKind::Udp { send, expect } => {
-            udp(addr, send.as_bytes(), expect.as_deref(), quiet).await
+            udp(addr, send.as_bytes(), expect.as_deref()).await
         }
         RealServerCheckKind::Dns { query } => dns(addr, query).await,
     }
@@ -135,40 +128,25 @@ async fn connected_udp(addr: SocketAddr) -> Result<UdpSocket, CheckError> {
     Ok(s)
 }
 
-async fn udp(
-    addr: SocketAddr,
-    send: &[u8],
-    expect: Option<&str>,
-    quiet: Duration,
-) -> Result<(), CheckError> {
+async fn udp(addr: SocketAddr, send: &[u8], expect: Option<&str>) -> Result<(), CheckError> {
     let s = connected_udp(addr).await?;
     s.send(send)
         .await
         .map_err(|e| CheckError::Io(format!("send: {e}")))?;
-    // Without `expect` the check passes when no ICMP port unreachable comes back within
-    // `quiet`; with it, a reply must contain the text. A connected socket turns that ICMP
-    // error into ECONNREFUSED on recv.
+    // A reply must come back (any reply without `expect`). A connected socket turns an ICMP
+    // port unreachable into ECONNREFUSED on recv, so a closed port fails at once.
     let mut buf = [0u8; 1500];
+    let n = s
+        .recv(&mut buf)
+        .await
+        .map_err(|e| CheckError::Io(format!("receive: {e}")))?;
+    let got = String::from_utf8_lossy(&buf[..n]);
     match expect {
-        Some(want) => {
-            let n = s
-                .recv(&mut buf)
-                .await
-                .map_err(|e| CheckError::Io(format!("receive: {e}")))?;
-            let got = String::from_utf8_lossy(&buf[..n]);
-            if got.contains(want) {
-                Ok(())
-            } else {
-                Err(CheckError::UnexpectedReply {
-                    got: got.chars().take(60).collect(),
-                    expected: want.to_owned(),
-                })
-            }
-        }
-        None => match tokio::time::timeout(quiet, s.recv(&mut buf)).await {
-            Ok(Err(e)) => Err(CheckError::Io(format!("receive: {e}"))),
-            _ => Ok(()),
-        },
+        Some(want) if !got.contains(want) => Err(CheckError::UnexpectedReply {
+            got: got.chars().take(60).collect(),
+            expected: want.to_owned(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -357,6 +335,11 @@ mod tests {
             s.local_addr().unwrap()
         };
         assert!(run(&echo, uclosed, t).await.is_err());
+        let any = RealServerCheckKind::Udp {
+            send: "x".into(),
+            expect: None,
+        };
+        assert_eq!(run(&any, uaddr, t).await, Ok(()));
         assert!(run(
             &RealServerCheckKind::Udp {
                 send: "x".into(),

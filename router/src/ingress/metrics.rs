@@ -353,3 +353,112 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+
+    /// Every family this module registers (including the ipvs crate's) has a row in
+    /// docs/metrics.md naming its type and labels.
+    #[test]
+    fn documented_in_metrics_md() {
+        let md =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+                .unwrap();
+        let m = IngressMetrics::new();
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        m.kernel.set(vec![KernelServiceStats {
+            virtual_server: "v".into(),
+            service: "s".into(),
+            counters: KernelCounters::default(),
+            destinations: vec![("d".into(), KernelCounters::default(), 0, 0)],
+        }]);
+        let l = VsLabels {
+            virtual_server: "v".into(),
+        };
+        m.real_servers_up.get_or_create(&l).set(1);
+        m.real_servers.get_or_create(&l).set(1);
+        m.check_duration.get_or_create(&l).observe(0.1);
+        m.real_server_up
+            .get_or_create(&ServerLabels {
+                virtual_server: "v".into(),
+                real_server: "r".into(),
+            })
+            .set(1);
+        m.checks
+            .get_or_create(&CheckLabels {
+                virtual_server: "v".into(),
+                result: "ok",
+            })
+            .inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
+        let mut missing = Vec::new();
+        let mut families = 0;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let mut it = rest.split_whitespace();
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            families += 1;
+            let served = if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            };
+            match rows.iter().find(|r| r.contains(&format!("`{served}`"))) {
+                None => missing.push(format!("{served}: no row")),
+                Some(r) if !r.contains(kind) => missing.push(format!("{served}: type {kind}")),
+                Some(r) => {
+                    let labels: std::collections::BTreeSet<String> = text
+                        .lines()
+                        .filter(|l| l.starts_with(name) && l.contains('{'))
+                        .flat_map(|l| {
+                            let inner = l.split_once('{').unwrap().1.split_once('}').unwrap().0;
+                            inner
+                                .split("\",")
+                                .filter_map(|kv| {
+                                    kv.split_once('=').map(|(k, _)| k.trim().to_owned())
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .filter(|k| k != "le")
+                        .collect();
+                    for k in labels {
+                        if !r.contains(&format!("`{k}`")) {
+                            missing.push(format!("{served}: label {k}"));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(families >= 17, "{text}");
+        // Prometheus' own checker on what /metrics serves by default.
+        let prom = crate::metrics::to_prometheus_text(&text);
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is missing: install the Debian package `prometheus`");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(prom.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}\n{prom}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(missing.is_empty(), "docs/metrics.md is behind: {missing:?}");
+    }
+}
