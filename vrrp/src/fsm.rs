@@ -19,7 +19,8 @@
 //!   us step down on its first advert.
 //! - Graceful shutdown: a master sends a priority-0 advert but keeps its addresses until it
 //!   hears an advert with priority > 0 from the new master (or `handoff_timeout` passes), so
-//!   clients are never left without a router; then it removes them and stops.
+//!   clients are never left without a router; then, after half an advert interval (the new
+//!   master announces the VIPs just after its advert), it removes them and stops.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -227,6 +228,8 @@ pub struct Fsm {
     master_adver_interval: Duration,
     started_at: Duration,
     handing_off: bool,
+    /// Handing off and the successor's advert was heard: letting go after a short linger.
+    successor_heard: bool,
     stopped: bool,
     master_addr: Option<IpAddr>,
 }
@@ -243,6 +246,7 @@ impl Fsm {
             healthy_count: None,
             started_at: Duration::ZERO,
             handing_off: false,
+            successor_heard: false,
             stopped: false,
             master_addr: None,
         };
@@ -411,7 +415,12 @@ impl Fsm {
             }
             Event::HandoffTimerFired => {
                 if self.handing_off {
-                    self.finish_handoff(Reason::ShutdownTimeout, &mut out);
+                    let reason = if self.successor_heard {
+                        Reason::ShutdownHandedOff
+                    } else {
+                        Reason::ShutdownTimeout
+                    };
+                    self.finish_handoff(reason, &mut out);
                 }
             }
             Event::TrackChanged { healthy_count } => {
@@ -490,9 +499,16 @@ impl Fsm {
                 // Otherwise discard: a preempting backup lets Master_Down expire.
             }
             State::Master if self.handing_off => {
-                if priority > 0 {
+                if priority > 0 && !self.successor_heard {
+                    // Linger half an advert interval before letting go: the successor
+                    // sends its advert before it adds the VIPs and announces them, and
+                    // until that announcement the switch still sends the VMAC's frames to
+                    // us. Letting go at once dropped them (lab: lost pings on SIGTERM).
                     self.master_addr = Some(src);
-                    self.finish_handoff(Reason::ShutdownHandedOff, out);
+                    self.successor_heard = true;
+                    out.push(Action::ArmHandoffTimer {
+                        after: self.config.advert_interval / 2,
+                    });
                 }
             }
             State::Master => {

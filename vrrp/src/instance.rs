@@ -133,7 +133,10 @@ impl InstanceConfig {
             }
             Version::V3 => {
                 let cs = self.advert_interval.as_millis();
-                if cs < 10 || cs % 10 != 0 || cs / 10 > u128::from(packet::V3_MAX_ADVER_INT_CS) {
+                if cs < 10
+                    || !cs.is_multiple_of(10)
+                    || cs / 10 > u128::from(packet::V3_MAX_ADVER_INT_CS)
+                {
                     return Err(err(format!(
                         "advert_interval {:?}: version 3 needs a multiple of 10ms, 10ms-40.95s",
                         self.advert_interval
@@ -239,6 +242,11 @@ struct Timers {
     master_down: Option<Instant>,
     handoff: Option<Instant>,
     garp_burst: Option<Instant>,
+    /// One more announcement an advert interval after becoming master: by then the old
+    /// master has heard our advert and let the VIPs go, so nothing it still said for them
+    /// (an answer to a client's ARP request in the overlap) can keep the switch pointing
+    /// the VMAC at it.
+    garp_followup: Option<Instant>,
     garp_refresh: Option<Instant>,
 }
 
@@ -355,11 +363,12 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
     let mut reload = handles.reload.take();
     loop {
         let t = &r.timers;
-        let (adver, master_down, handoff, garp_burst, garp_refresh) = (
+        let (adver, master_down, handoff, garp_burst, garp_followup, garp_refresh) = (
             t.adver,
             t.master_down,
             t.handoff,
             t.garp_burst,
+            t.garp_followup,
             t.garp_refresh,
         );
         let event = tokio::select! {
@@ -392,6 +401,11 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
             _ = sleep_until_opt(garp_burst) => {
                 r.timers.garp_burst = None;
                 r.announce();
+                None
+            }
+            _ = sleep_until_opt(garp_followup) => {
+                r.timers.garp_followup = None;
+                r.announce_rounds(1);
                 None
             }
             _ = sleep_until_opt(garp_refresh) => {
@@ -507,7 +521,11 @@ impl Runner {
     }
 
     fn announce(&mut self) {
-        if let Err(e) = self.vips.announce(self.cfg.gratuitous.repeat) {
+        self.announce_rounds(self.cfg.gratuitous.repeat);
+    }
+
+    fn announce_rounds(&mut self, rounds: u32) {
+        if let Err(e) = self.vips.announce(rounds) {
             tracing::warn!(instance = %self.cfg.name, error = %e, "gratuitous announcement failed");
             self.status.last_error = Some(e.to_string());
         }
@@ -564,12 +582,14 @@ impl Runner {
                         self.status.last_error = Some(e.to_string());
                     }
                     self.timers.garp_burst = None;
+                    self.timers.garp_followup = None;
                     self.timers.garp_refresh = None;
                 }
                 Action::SendGratuitous => {
                     self.announce();
                     let g = self.cfg.gratuitous;
                     self.timers.garp_burst = g.second_burst_after.map(|d| Instant::now() + d);
+                    self.timers.garp_followup = Some(Instant::now() + self.cfg.advert_interval);
                     self.timers.garp_refresh = g.refresh.map(|d| Instant::now() + d);
                 }
                 Action::ArmAdverTimer { after } => self.timers.adver = Some(Instant::now() + after),
@@ -612,6 +632,7 @@ impl Runner {
                     self.metrics.set_state(&self.cfg.name, to);
                     if to != State::Master {
                         self.timers.garp_burst = None;
+                        self.timers.garp_followup = None;
                         self.timers.garp_refresh = None;
                     }
                 }
