@@ -26,6 +26,10 @@ pub struct TourSummary {
     pub leaked_packets: u64,
     /// Scene 2: what ping saw while the master's pod died.
     pub failover: Option<Outage>,
+    /// Scene 2: what ping saw while the master's links were cut (its daemon alive).
+    pub link_cut: Option<Outage>,
+    /// Scene 2: what ping saw while the master handed over on SIGTERM.
+    pub sigterm: Option<Outage>,
     /// Scene 3: time from the break to the last new connection the broken gateway got (or lost).
     pub gateway_left_after: Option<Duration>,
     /// Scene 3: time from the break until a router's /status called the gateway unhealthy.
@@ -71,6 +75,145 @@ fn wait_master(lab: &Lab, want: Option<usize>, timeout: Duration) -> Option<usiz
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// How scene 2 takes the master away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MasterLoss {
+    /// Every cable of the master unplugged; its daemon keeps running.
+    LinksCut,
+    /// kill -9 of the daemon and every cable unplugged (a crashed pod).
+    PodKilled,
+    /// SIGTERM: the daemon hands over (priority-0 advert) and exits.
+    Sigterm,
+}
+
+impl MasterLoss {
+    fn describe(self) -> &'static str {
+        match self {
+            MasterLoss::LinksCut => "links cut (daemon alive)",
+            MasterLoss::PodKilled => "pod killed (kill -9, links down)",
+            MasterLoss::Sigterm => "SIGTERM (graceful handoff)",
+        }
+    }
+}
+
+/// Takes the current master away as `way` while a client pings `target`, prints the new
+/// master and the outage, then brings the router back and waits for it to preempt again.
+fn master_loss_scene(
+    lab: &Lab,
+    target: Ipv4Addr,
+    way: MasterLoss,
+) -> Result<Option<Outage>, LabError> {
+    let Some(k) = wait_master(lab, None, Duration::from_secs(3)) else {
+        println!("  {}: skipped, no router holds the VIP", way.describe());
+        return Ok(None);
+    };
+    let r = lab.router(k);
+    let links = [
+        crate::lab::RouterLink::Gateway,
+        crate::lab::RouterLink::Vrrp,
+        crate::lab::RouterLink::Pod,
+    ];
+    let ping = |to: Ipv4Addr, action: Box<dyn FnOnce() + Send + '_>| {
+        lab.client(0).ping_outage(
+            to,
+            Duration::from_millis(10),
+            Duration::from_secs(3),
+            Duration::from_millis(500),
+            action,
+        )
+    };
+    // Two pings at once: to `target` (what a client's traffic sees; the backup forwards as
+    // soon as frames for the shared VMAC reach it) and to the VIP itself (answered only by
+    // the VRRP master: the takeover time proper).
+    let (out, vip_out) = std::thread::scope(|s| {
+        let vip = (target != topo::EGRESS_VIP)
+            .then(|| s.spawn(|| ping(topo::EGRESS_VIP, Box::new(|| {}))));
+        let out = ping(
+            target,
+            Box::new(|| match way {
+                MasterLoss::LinksCut => {
+                    for l in links {
+                        let _ = r.cut_link(l);
+                    }
+                }
+                MasterLoss::PodKilled => {
+                    let _ = r.kill_pod();
+                }
+                MasterLoss::Sigterm => {
+                    let _ = r.sigterm(Duration::from_secs(3));
+                }
+            }),
+        );
+        let vip_out = vip.and_then(|h| h.join().ok()).and_then(Result::ok);
+        (out, vip_out)
+    });
+    let out = out?;
+    // The old master may still hold the VIP in its cut-off namespace; the new one is the
+    // other router that holds it.
+    let new = lab
+        .routers()
+        .iter()
+        .position(|o| o.index != k && o.is_running() && o.holds_egress_vip());
+    println!(
+        "  {:<34} router {k} → {}: longest gap {}, {} of {} pings lost",
+        way.describe(),
+        new.map(|n| format!("router {n}"))
+            .unwrap_or_else(|| "NO master".into()),
+        ms(out.longest_gap),
+        out.lost(),
+        out.sent
+    );
+    if let Some(v) = vip_out {
+        println!(
+            "  {:<34} the VIP itself went unanswered for {}, {} of {} pings lost",
+            "",
+            ms(v.longest_gap),
+            v.lost(),
+            v.sent
+        );
+    }
+    let back = match way {
+        MasterLoss::LinksCut => links.iter().try_for_each(|l| r.restore_link(*l)),
+        MasterLoss::PodKilled => r.revive_pod(),
+        MasterLoss::Sigterm => r.start(),
+    };
+    match back {
+        Err(e) => println!(
+            "  bringing router {k} back failed: {}",
+            first_lines(&e.to_string(), 3)
+        ),
+        Ok(()) => {
+            // Let the higher-priority router preempt and its gateway checks recover (they
+            // failed while its links were down) before the next scene.
+            let settled = |lab: &Lab| {
+                let holders: Vec<usize> = lab
+                    .routers()
+                    .iter()
+                    .filter(|o| o.holds_egress_vip())
+                    .map(|o| o.index)
+                    .collect();
+                let healthy = r
+                    .gateway_states()
+                    .is_none_or(|v| v.iter().all(|(_, st)| st == "healthy"));
+                (holders == [k] && healthy, holders)
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut state = settled(lab);
+            while !state.0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+                state = settled(lab);
+            }
+            if !state.0 {
+                println!(
+                    "  router {k} is back but did not settle as the only master with healthy gateways within 5 s (VIP holders: {:?})",
+                    state.1
+                );
+            }
+        }
+    }
+    Ok(Some(out))
 }
 
 /// The issue that builds each component the daemon reports in `/status`.
@@ -137,7 +280,7 @@ fn egress_mode_fallback(lab: &Lab) -> Result<(), LabError> {
         return Ok(());
     };
     println!("  egress routing: {first}");
-    if !first.starts_with("not built") {
+    if !first.contains("not built") {
         return Ok(());
     }
     for mode in ["ecmp_resilient", "ecmp"] {
@@ -148,7 +291,7 @@ fn egress_mode_fallback(lab: &Lab) -> Result<(), LabError> {
             }
         }
         match egress_detail(lab) {
-            Some(d) if !d.starts_with("not built") => {
+            Some(d) if !d.contains("not built") => {
                 println!("  → this demo runs with egress.mode {mode} instead ({d})");
                 return Ok(());
             }
@@ -366,62 +509,40 @@ pub fn tour(lab: &Lab, start_routers: bool) -> Result<TourSummary, LabError> {
         );
     }
 
-    // 2. Master dies.
+    // 2. The master goes away, three ways.
     heading(
         2,
-        "the master router's pod dies (kill -9, links down): the outage a client saw",
+        "the master goes away (links cut, pod killed, SIGTERM): the outage a client saw",
     );
+    let target = if egress_works {
+        topo::INTERNET_ECHO
+    } else {
+        topo::EGRESS_VIP
+    };
     match m {
-        None => println!("  skipped: no master to kill (VRRP: issue 5)"),
+        None => println!(
+            "  skipped: no router holds the egress VIP, so there is no master to take away"
+        ),
         Some(k) if lab.routers().len() < 2 => {
             println!("  skipped: router {k} is the only router; use --routers 2")
         }
-        Some(k) => {
-            let target = if egress_works {
-                topo::INTERNET_ECHO
-            } else {
-                topo::EGRESS_VIP
-            };
-            let out = client.ping_outage(
-                target,
-                Duration::from_millis(10),
-                Duration::from_secs(3),
-                Duration::from_millis(500),
-                || {
-                    let _ = lab.router(k).kill_pod();
-                },
-            )?;
-            let new = master(lab);
+        Some(_) => {
             println!(
-                "  pinging {target} every 10 ms; router {k}'s pod died at 0.5 s; new master: {}",
-                new.map(|n| format!("router {n}"))
-                    .unwrap_or_else(|| "none".into())
+                "  a client pings {target}{} every 10 ms through the egress VIP; the master goes away at 0.5 s",
+                if egress_works { " (the Internet host)" } else { " (the VIP itself: egress does not work)" }
             );
-            println!(
-                "  {:<28} {}\n  {:<28} {} of {}",
-                "longest gap between replies",
-                ms(out.longest_gap),
-                "pings lost",
-                out.lost(),
-                out.sent
-            );
-            if !egress_works {
-                println!("  (measured to the VIP itself: the egress path does not work yet)");
-            }
-            sum.failover = Some(out);
-            match lab.router(k).revive_pod() {
-                Err(e) => println!(
-                    "  restarting router {k} failed: {}",
-                    first_lines(&e.to_string(), 3)
-                ),
-                Ok(()) => {
-                    // The revived router may preempt; let that settle before scene 3.
-                    let now = wait_master(lab, Some(k), Duration::from_secs(3));
-                    println!(
-                        "  router {k} is back; master now: {}",
-                        now.map(|n| format!("router {n}"))
-                            .unwrap_or_else(|| "none".into())
-                    );
+            for way in [
+                MasterLoss::LinksCut,
+                MasterLoss::PodKilled,
+                MasterLoss::Sigterm,
+            ] {
+                let out = master_loss_scene(lab, target, way)?;
+                if way == MasterLoss::PodKilled {
+                    sum.failover = out;
+                } else if way == MasterLoss::LinksCut {
+                    sum.link_cut = out;
+                } else {
+                    sum.sigterm = out;
                 }
             }
         }
