@@ -428,3 +428,119 @@ fn publish(
         },
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fmt::Write as _;
+
+    /// user+system CPU seconds of this process so far (/proc/self/stat, clock ticks of 10 ms).
+    fn cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let after = stat.rsplit_once(')').unwrap().1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // Fields 14 and 15 of stat(5); `after` starts at field 3.
+        let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    }
+
+    /// The scale of issue 9: 10 forwarded ports × 16 real servers checked every 3 s (the 8
+    /// VIPs × 2 protocols do not multiply the checks: one check per virtual server × real
+    /// server). Real TCP checks against listeners on loopback; prints the CPU the checks cost.
+    /// Not a pass/fail test: `cargo test -p vpn-router --lib check_load -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement (30 s of wall time); run by hand, see docs/benchmarks.md"]
+    async fn check_load() {
+        let secs: u64 = std::env::var("CHECK_LOAD_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(30);
+        let mut y = String::from("ingress:\n  virtual_servers:\n");
+        let servers: Vec<String> = (1..=16).map(|i| format!("127.0.1.{i}")).collect();
+        let vips: Vec<String> = (0..8).map(|i| format!("10.255.0.{}", i + 1)).collect();
+        for k in 0..10u16 {
+            let _ = write!(
+                y,
+                "    - name: port-{k}\n      port: {}\n      protocols: [tcp, udp]\n      addresses: [{}]\n      real_servers: [{}]\n      health_check: {{ type: tcp, interval: 3s, timeout: 1s }}\n",
+                21000 + k,
+                vips.join(", "),
+                servers.join(", ")
+            );
+        }
+        let cfg = crate::config::load_str(std::path::Path::new("load.yaml"), &y)
+            .unwrap()
+            .config;
+        let plan = super::super::plan(cfg.ingress.as_ref().unwrap(), None).unwrap();
+        assert_eq!(plan.real_servers().len(), 160);
+        assert_eq!(
+            plan.virtual_servers
+                .iter()
+                .map(|v| v.services.len())
+                .sum::<usize>(),
+            160
+        );
+        let mut listeners = Vec::new();
+        for s in &servers {
+            for k in 0..10u16 {
+                let l = tokio::net::TcpListener::bind((s.parse::<IpAddr>().unwrap(), 21000 + k))
+                    .await
+                    .unwrap();
+                listeners.push(tokio::spawn(async move {
+                    while let Ok((c, _)) = l.accept().await {
+                        drop(c);
+                    }
+                }));
+            }
+        }
+        // Baseline: the listeners alone, idle.
+        let c0 = cpu_seconds();
+        tokio::time::sleep(Duration::from_secs(secs / 3)).await;
+        let idle = (cpu_seconds() - c0) / (secs / 3) as f64;
+
+        let board = StatusBoard::new("load.yaml".into(), 0.0);
+        let metrics = IngressMetrics::new();
+        let cancel = CancellationToken::new();
+        let tasks = start(
+            plan,
+            EngineSettings::default(),
+            board,
+            metrics.clone(),
+            cancel.clone(),
+        );
+        // Let the first round settle, then measure.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let ok0 = count(&metrics, "ok");
+        let c1 = cpu_seconds();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let used = (cpu_seconds() - c1) / secs as f64;
+        let checks = count(&metrics, "ok") - ok0;
+        cancel.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        println!(
+            "RESULT check_load servers=160 interval=3s checks={checks} in {secs}s ({:.1}/s) cpu={:.2}% of one core (listeners alone {:.2}%), {:.1} us CPU per check including the accepting side",
+            checks as f64 / secs as f64,
+            used * 100.0,
+            idle * 100.0,
+            (used - idle) * secs as f64 / checks.max(1) as f64 * 1e6
+        );
+        assert!(
+            checks as f64 >= 160.0 * secs as f64 / 3.0 * 0.8,
+            "{checks} checks"
+        );
+    }
+
+    fn count(m: &IngressMetrics, result: &'static str) -> u64 {
+        (0..10)
+            .map(|k| {
+                m.checks
+                    .get_or_create(&CheckLabels {
+                        virtual_server: format!("port-{k}"),
+                        result,
+                    })
+                    .get()
+            })
+            .sum()
+    }
+}
