@@ -320,13 +320,19 @@ async fn instance_task(
         }
     }
     let name = reload.borrow().name.clone();
-    let vips: Vec<String> = reload
-        .borrow()
-        .virtual_ips
-        .iter()
-        .map(|v| format!("{}/{} on {}", v.addr, v.prefix_len, v.interface))
-        .collect();
-    view.update(&name, InstanceStatus::new(&name), Some(vips));
+    let fixed = {
+        let c = reload.borrow();
+        Fixed {
+            interface: c.interface.clone(),
+            vrid: c.vrid,
+            virtual_ips: c
+                .virtual_ips
+                .iter()
+                .map(|v| format!("{}/{} on {}", v.addr, v.prefix_len, v.interface))
+                .collect(),
+        }
+    };
+    view.update(&name, InstanceStatus::new(&name), Some(fixed));
     let mut last_complete = None;
     loop {
         let config = reload.borrow_and_update().clone();
@@ -399,27 +405,36 @@ struct View {
 struct Entry {
     #[serde(flatten)]
     status: InstanceStatus,
-    virtual_ips: Vec<String>,
+    #[serde(flatten)]
+    fixed: Fixed,
     /// Why the instance is not running (it is retried).
     setup_error: Option<String>,
 }
 
+/// What an instance runs with that only a restart changes.
+#[derive(Debug, Clone, Default, Serialize)]
+struct Fixed {
+    interface: String,
+    vrid: u8,
+    virtual_ips: Vec<String>,
+}
+
 impl View {
-    fn update(&self, name: &str, status: InstanceStatus, vips: Option<Vec<String>>) {
+    fn update(&self, name: &str, status: InstanceStatus, fixed: Option<Fixed>) {
         let state = status.state;
         {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             let e = entries.entry(name.to_string()).or_insert_with(|| Entry {
                 status: status.clone(),
-                virtual_ips: Vec::new(),
+                fixed: Fixed::default(),
                 setup_error: None,
             });
             if state != ::vrrp::State::Initialize {
                 e.setup_error = None;
             }
             e.status = status;
-            if let Some(v) = vips {
-                e.virtual_ips = v;
+            if let Some(f) = fixed {
+                e.fixed = f;
             }
         }
         self.roles.send_if_modified(|r| {
