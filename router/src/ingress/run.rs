@@ -57,6 +57,21 @@ pub fn start(
     cancel: CancellationToken,
 ) -> Vec<JoinHandle<()>> {
     let plan = Arc::new(plan);
+    let (rx, mut tasks) = spawn_checks(plan.clone(), &settings, &metrics, &cancel);
+    tasks.push(tokio::spawn(reconcile_loop(
+        plan, rx, settings, board, metrics, cancel,
+    )));
+    tasks
+}
+
+/// Starts one checker per real server; their results land in the returned watch (notified on
+/// a state change or a new failure reason, not on every check).
+pub fn spawn_checks(
+    plan: Arc<IngressPlan>,
+    settings: &EngineSettings,
+    metrics: &IngressMetrics,
+    cancel: &CancellationToken,
+) -> (watch::Receiver<HealthMap>, Vec<JoinHandle<()>>) {
     metrics.clear();
     let initial: HealthMap = plan
         .real_servers()
@@ -87,11 +102,7 @@ pub fn start(
             cancel.clone(),
         )));
     }
-    tasks.push(tokio::spawn(reconcile_loop(
-        plan, rx, settings, board, metrics, cancel,
-    )));
-    drop(tx);
-    tasks
+    (rx, tasks)
 }
 
 fn jittered(interval: Duration, jitter: f64) -> Duration {
@@ -529,6 +540,77 @@ mod tests {
             checks as f64 >= 160.0 * secs as f64 / 3.0 * 0.8,
             "{checks} checks"
         );
+    }
+
+    /// The checkers against real loopback listeners: both servers come up, one whose port
+    /// closes goes down after `fall` failures (and the gauges follow), and comes back after
+    /// `rise` successes once it listens again.
+    #[tokio::test]
+    async fn checkers_follow_a_server_going_away_and_back() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let y = format!(
+            "ingress:\n  virtual_servers:\n    - name: t\n      port: 80\n      addresses: [10.255.0.1]\n      real_servers: [127.0.3.1, 127.0.3.2]\n      real_port: {port}\n      health_check: {{ type: tcp, interval: 100ms, timeout: 50ms, rise: 2, fall: 2 }}\n"
+        );
+        let cfg = crate::config::load_str(std::path::Path::new("t.yaml"), &y)
+            .unwrap()
+            .config;
+        let plan = Arc::new(super::super::plan(cfg.ingress.as_ref().unwrap(), None).unwrap());
+        let a = std::net::TcpListener::bind(("127.0.3.1", port)).unwrap();
+        let b = std::net::TcpListener::bind(("127.0.3.2", port)).unwrap();
+        let metrics = IngressMetrics::new();
+        let cancel = CancellationToken::new();
+        let (rx, tasks) = spawn_checks(plan, &EngineSettings::default(), &metrics, &cancel);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let state = |m: &HealthMap, a: &str| m[&RealServerId { vs: 0, addr: ip(a) }].state;
+        let up_gauge = || {
+            metrics
+                .real_servers_up
+                .get_or_create(&VsLabels {
+                    virtual_server: "t".into(),
+                })
+                .get()
+        };
+        wait(&rx, |m| m.values().all(ServerHealth::is_up)).await;
+        assert_eq!(up_gauge(), 2);
+
+        drop(b);
+        let t0 = Instant::now();
+        let m = wait(&rx, |m| state(m, "127.0.3.2") == ServerState::Down).await;
+        // Two failed checks 100 ms apart: not on the first failure.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(80),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(state(&m, "127.0.3.1"), ServerState::Up);
+        assert!(m[&RealServerId {
+            vs: 0,
+            addr: ip("127.0.3.2")
+        }]
+            .last_reason
+            .starts_with("connect:"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(up_gauge(), 1);
+
+        let _b = std::net::TcpListener::bind(("127.0.3.2", port)).unwrap();
+        wait(&rx, |m| state(m, "127.0.3.2") == ServerState::Up).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(up_gauge(), 2);
+        cancel.cancel();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        drop(a);
+    }
+
+    async fn wait(rx: &watch::Receiver<HealthMap>, f: impl Fn(&HealthMap) -> bool) -> HealthMap {
+        let mut rx = rx.clone();
+        let r = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|m| f(m)))
+            .await
+            .expect("state not reached in 5 s");
+        r.map(|m| m.clone()).unwrap()
     }
 
     fn count(m: &IngressMetrics, result: &'static str) -> u64 {
