@@ -20,19 +20,20 @@ use crate::stats::{render_table, Row};
 pub struct Args {
     /// Modes to compare (ecmp = plain multipath, hash-threshold; the reference).
     #[arg(
+        id = "flows-modes",
         long = "flows-modes",
         value_delimiter = ',',
         default_value = "ecmp,ecmp_resilient,consistent"
     )]
     pub modes: Vec<String>,
-    #[arg(long = "flows-count", default_value_t = 400)]
+    #[arg(id = "flows-count", long = "flows-count", default_value_t = 400)]
     pub flows: usize,
-    #[arg(long = "flows-clients", default_value_t = 4)]
+    #[arg(id = "flows-clients", long = "flows-clients", default_value_t = 4)]
     pub clients: usize,
-    #[arg(long = "flows-gateways", default_value_t = 4)]
+    #[arg(id = "flows-gateways", long = "flows-gateways", default_value_t = 4)]
     pub gateways: usize,
     /// Trials per mode (the killed gateway is trial mod gateways).
-    #[arg(long = "flows-trials", default_value_t = 4)]
+    #[arg(id = "flows-trials", long = "flows-trials", default_value_t = 4)]
     pub trials: usize,
 }
 
@@ -130,7 +131,13 @@ fn one_trial(lab: &Lab, a: &Args, victim: usize) -> anyhow::Result<Trial> {
     })
 }
 
-fn run_mode(a: &Args, mode: &str) -> anyhow::Result<Option<Vec<Trial>>> {
+enum ModeResult {
+    NotBuilt,
+    Broken,
+    Measured(Vec<Trial>),
+}
+
+fn run_mode(a: &Args, mode: &str) -> anyhow::Result<ModeResult> {
     eprintln!(
         "[flows] {mode}: building the lab (1 router, {} gateways, {} clients)",
         a.gateways, a.clients
@@ -172,7 +179,7 @@ fn run_mode(a: &Args, mode: &str) -> anyhow::Result<Option<Vec<Trial>>> {
     let note = egress_note(r);
     if note.contains("not built") {
         println!("flows: egress.mode {mode}: not built (the daemon says: {note}); skipped");
-        return Ok(None);
+        return Ok(ModeResult::NotBuilt);
     }
     let mut last_err = String::new();
     let reachable = wait_until(Duration::from_secs(5), || {
@@ -188,7 +195,7 @@ fn run_mode(a: &Args, mode: &str) -> anyhow::Result<Option<Vec<Trial>>> {
         println!(
             "flows: egress.mode {mode}: BROKEN: every gateway is healthy but a client pod cannot reach the Internet echo ({last_err}); the daemon says egress: {note}"
         );
-        return Ok(Some(Vec::new()));
+        return Ok(ModeResult::Broken);
     }
     let mut out = Vec::new();
     for t in 0..a.trials {
@@ -213,7 +220,7 @@ fn run_mode(a: &Args, mode: &str) -> anyhow::Result<Option<Vec<Trial>>> {
         }
         std::thread::sleep(Duration::from_millis(700));
     }
-    Ok(Some(out))
+    Ok(ModeResult::Measured(out))
 }
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
@@ -223,9 +230,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let mut lines = Vec::new();
     for mode in &a.modes {
         match run_mode(a, mode)? {
-            None => skipped.push(mode.clone()),
-            Some(trials) if trials.is_empty() => broken.push(mode.clone()),
-            Some(trials) => {
+            ModeResult::NotBuilt => skipped.push(mode.clone()),
+            ModeResult::Broken => broken.push(mode.clone()),
+            ModeResult::Measured(trials) => {
                 let f =
                     |g: fn(&Trial) -> usize| trials.iter().map(|t| g(t) as f64).collect::<Vec<_>>();
                 for (k, t) in trials.iter().enumerate() {

@@ -19,17 +19,17 @@ pub const NEXTHOP_BASE: u32 = 1800;
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Trials per way of breaking a gateway.
-    #[arg(long = "gw-trials", default_value_t = 10)]
+    #[arg(id = "gw-trials", long = "gw-trials", default_value_t = 10)]
     pub trials: usize,
-    #[arg(long = "gw-interval-ms", default_value_t = 200)]
+    #[arg(id = "gw-interval-ms", long = "gw-interval-ms", default_value_t = 200)]
     pub interval_ms: u64,
-    #[arg(long = "gw-timeout-ms", default_value_t = 150)]
+    #[arg(id = "gw-timeout-ms", long = "gw-timeout-ms", default_value_t = 150)]
     pub timeout_ms: u64,
-    #[arg(long = "gw-fall", default_value_t = 2)]
+    #[arg(id = "gw-fall", long = "gw-fall", default_value_t = 2)]
     pub fall: u32,
-    #[arg(long = "gw-rise", default_value_t = 2)]
+    #[arg(id = "gw-rise", long = "gw-rise", default_value_t = 2)]
     pub rise: u32,
-    #[arg(long = "gw-gateways", default_value_t = 4)]
+    #[arg(id = "gw-gateways", long = "gw-gateways", default_value_t = 4)]
     pub gateways: usize,
 }
 

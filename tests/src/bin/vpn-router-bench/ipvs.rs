@@ -13,23 +13,32 @@ use crate::stats::{render_table, Row};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    #[arg(long = "ipvs-services", default_value_t = 1000)]
+    #[arg(id = "ipvs-services", long = "ipvs-services", default_value_t = 1000)]
     pub services: u32,
-    #[arg(long = "ipvs-destinations", default_value_t = 16)]
+    #[arg(
+        id = "ipvs-destinations",
+        long = "ipvs-destinations",
+        default_value_t = 16
+    )]
     pub destinations: u32,
-    #[arg(long = "ipvs-trials", default_value_t = 5)]
+    #[arg(id = "ipvs-trials", long = "ipvs-trials", default_value_t = 5)]
     pub trials: u32,
     /// The VM harness.
-    #[arg(long = "ipvs-vm-run", default_value = "tests/vm/run.sh")]
+    #[arg(
+        id = "ipvs-vm-run",
+        long = "ipvs-vm-run",
+        default_value = "tests/vm/run.sh"
+    )]
     pub vm_run: PathBuf,
     /// The `ipvs-bench` example binary (host build; the VM sees the host root read-only).
     #[arg(
+        id = "ipvs-bench-bin",
         long = "ipvs-bench-bin",
         default_value = "target/release/examples/ipvs-bench"
     )]
     pub ipvs_bench: PathBuf,
     /// VM timeout in seconds.
-    #[arg(long = "ipvs-timeout", default_value_t = 1200)]
+    #[arg(id = "ipvs-timeout", long = "ipvs-timeout", default_value_t = 1200)]
     pub timeout: u64,
 }
 

@@ -25,23 +25,28 @@ use crate::stats::{render_table, Row};
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// Failover and SIGTERM trials per implementation.
-    #[arg(long = "vrrp-trials", default_value_t = 20)]
+    #[arg(id = "vrrp-trials", long = "vrrp-trials", default_value_t = 20)]
     pub trials: usize,
-    #[arg(long = "vrrp-advert-ms", default_value_t = 10)]
+    #[arg(id = "vrrp-advert-ms", long = "vrrp-advert-ms", default_value_t = 10)]
     pub advert_ms: u64,
-    #[arg(long = "vrrp-ping-ms", default_value_t = 5)]
+    #[arg(id = "vrrp-ping-ms", long = "vrrp-ping-ms", default_value_t = 5)]
     pub ping_ms: u64,
     /// Idle master CPU window.
-    #[arg(long = "vrrp-idle-secs", default_value_t = 30)]
+    #[arg(id = "vrrp-idle-secs", long = "vrrp-idle-secs", default_value_t = 30)]
     pub idle_secs: u64,
     /// Implementations to measure.
     #[arg(
+        id = "vrrp-impls",
         long = "vrrp-impls",
         value_delimiter = ',',
         default_value = "keepalived,vpn-router"
     )]
     pub impls: Vec<String>,
-    #[arg(long = "vrrp-keepalived", default_value = "/usr/sbin/keepalived")]
+    #[arg(
+        id = "vrrp-keepalived",
+        long = "vrrp-keepalived",
+        default_value = "/usr/sbin/keepalived"
+    )]
     pub keepalived: PathBuf,
 }
 
