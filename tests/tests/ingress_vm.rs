@@ -682,6 +682,71 @@ fn ingress_path_through_gateways_with_ipvs() {
         "connections broken by the router failover: {broken:?}"
     );
 
+    // 7. Reload on the surviving router without the DNS virtual server: its service goes,
+    // nothing else is written (the new engine adopts the kernel's state).
+    let r1 = lab.router(1);
+    let before = r1.api_get("/metrics").unwrap().body;
+    let table_before: Vec<String> = r1
+        .ns
+        .exec("ipvsadm", &["-Ln"])
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains(":53"))
+        .map(str::to_owned)
+        .collect();
+    r1.rewrite_config(|y| y.replace(DNS_VS, "")).unwrap();
+    r1.sighup();
+    let (_, t_reload) = wait_for("the DNS service to go after the reload", &lab, || {
+        let t = r1.ns.exec("ipvsadm", &["-Ln"]).ok()?;
+        (!t.contains("192.168.26.254:53")).then_some(t)
+    });
+    let after = r1.api_get("/metrics").unwrap().body;
+    let table_after: Vec<String> = r1
+        .ns
+        .exec("ipvsadm", &["-Ln"])
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    // Weights and order of port-1 unchanged (connection counters may differ).
+    let strip = |v: &[String]| -> Vec<String> {
+        v.iter()
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    assert_eq!(strip(&table_before), strip(&table_after));
+    let writes = |m: &str, op: &str| -> u64 {
+        m.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "vpn_router_ipvs_changes_total{{op=\"{op}\",result=\"ok\"}}"
+                ))
+            })
+            .and_then(|l| l.split_whitespace().last()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut delta = BTreeMap::new();
+    for op in [
+        "add_service",
+        "update_service",
+        "delete_service",
+        "add_destination",
+        "update_destination",
+        "delete_destination",
+    ] {
+        delta.insert(op, writes(&after, op) - writes(&before, op));
+    }
+    println!(
+        "RESULT reload_without_dns_s={:.2} writes={delta:?}",
+        t_reload.as_secs_f64()
+    );
+    assert_eq!(delta["delete_service"], 1, "{delta:?}");
+    assert_eq!(
+        delta.values().sum::<u64>(),
+        1,
+        "the reload wrote more than the one delete: {delta:?}"
+    );
+
     // Kernel counters reach /metrics (read before router 0 died).
     let metrics = metrics_before;
     for want in [

@@ -19,7 +19,15 @@ pub(super) fn start(
     let Some(i) = &cfg.ingress else {
         return Ok(Vec::new());
     };
-    let plan = ingress::plan(i, cfg.gateways.as_ref()).map_err(|e| e.to_string())?;
+    // Services on the VIPs this daemon holds are ours: a virtual server removed from the
+    // config (say DNS on the egress VIP) takes its services with it.
+    let vrrp_vips = cfg
+        .vrrp
+        .iter()
+        .flat_map(|v| v.virtual_ips.iter().map(|x| x.address.value.addr()));
+    let plan = ingress::plan(i, cfg.gateways.as_ref())
+        .map_err(|e| e.to_string())?
+        .with_owned(vrrp_vips);
     tracing::info!(
         virtual_servers = plan.virtual_servers.len(),
         services = plan

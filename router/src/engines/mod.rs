@@ -152,7 +152,12 @@ impl Engines {
         // The ingress VIPs come from `gateways`: a change there restarts ingress too.
         let section = config.ingress.as_ref().map(|i| {
             let vips = config.gateways.as_ref().map(|g| g.ingress_vips());
-            serde_json::json!({ "ingress": i, "gateway_ingress_vips": vips })
+            let vrrp_vips: Vec<String> = config
+                .vrrp
+                .iter()
+                .flat_map(|v| v.virtual_ips.iter().map(|x| x.address.value.to_string()))
+                .collect();
+            serde_json::json!({ "ingress": i, "gateway_ingress_vips": vips, "vrrp_vips": vrrp_vips })
         });
         let (shared, metrics) = (&self.shared, &self.ingress_metrics);
         reconcile(

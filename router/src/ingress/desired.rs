@@ -50,6 +50,10 @@ pub struct VirtualServerPlan {
 #[derive(Debug, Clone)]
 pub struct IngressPlan {
     pub virtual_servers: Vec<VirtualServerPlan>,
+    /// Addresses the daemon holds (every gateway's ingress VIP, the VRRP virtual IPs) where
+    /// services are ours even when no virtual server uses the address any more, so removing a
+    /// virtual server from the config removes its services.
+    pub also_owned: BTreeSet<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -184,7 +188,13 @@ pub fn plan(ingress: &Ingress, gateways: Option<&Gateways>) -> Result<IngressPla
             check: vs.health_check.clone(),
         });
     }
-    Ok(IngressPlan { virtual_servers })
+    let also_owned = gateways
+        .map(|g| g.ingress_vips().into_iter().map(IpAddr::V4).collect())
+        .unwrap_or_default();
+    Ok(IngressPlan {
+        virtual_servers,
+        also_owned,
+    })
 }
 
 impl IngressPlan {
@@ -201,8 +211,15 @@ impl IngressPlan {
             .collect()
     }
 
-    /// The virtual addresses of every service: IPVS services on these addresses are ours (a
-    /// port no longer configured on one of them is deleted; other addresses are left alone).
+    /// Adds addresses whose services are ours (the VRRP virtual IPs).
+    pub fn with_owned(mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.also_owned.extend(addrs);
+        self
+    }
+
+    /// The virtual addresses of every service plus [`Self::also_owned`]: IPVS services on
+    /// these addresses are ours (a service not configured any more is deleted); services on
+    /// any other address are left alone.
     pub fn owned_addresses(&self) -> BTreeSet<IpAddr> {
         self.virtual_servers
             .iter()
@@ -211,6 +228,7 @@ impl IngressPlan {
                 ServiceKey::Addr { addr, .. } => Some(addr.ip()),
                 ServiceKey::Fwmark { .. } => None,
             })
+            .chain(self.also_owned.iter().copied())
             .collect()
     }
 
@@ -346,6 +364,8 @@ ingress:
         assert_eq!(c, ["192.168.27.128", "192.168.27.129", "192.168.27.130"]);
         let owned = p.owned_addresses();
         assert_eq!(owned.len(), 5);
+        let more = the_plan().with_owned(["192.168.26.253".parse().unwrap()]);
+        assert_eq!(more.owned_addresses().len(), 6);
         assert!(owned.contains(&IpAddr::V4(Ipv4Addr::new(192, 168, 26, 254))));
         assert_eq!(p.real_servers().len(), 17);
     }
