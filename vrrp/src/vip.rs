@@ -85,6 +85,16 @@ pub fn write_sysctl(path: &str, value: &str) -> Result<(), VipError> {
     })
 }
 
+/// Writes `/proc/sys/<path>` unless it already holds `value`. In a pod `/proc/sys` is
+/// read-only; a macvlan inherits `net.ipv4.conf.default.*` when it is created and the CNI
+/// `tuning` plugin can preset the parent's values, so a pod that prepared them runs with VMAC.
+fn ensure_sysctl(path: &str, value: &str) -> Result<(), VipError> {
+    if read_sysctl(path).as_deref() == Some(value) {
+        return Ok(());
+    }
+    write_sysctl(path, value)
+}
+
 fn read_sysctl(path: &str) -> Option<String> {
     std::fs::read_to_string(format!("/proc/sys/{path}"))
         .ok()
@@ -110,23 +120,23 @@ pub fn set_vmac_sysctls(vmac_if: &str, parent: &str, family: Family) -> Result<(
                 ("rp_filter", "0"),
                 ("promote_secondaries", "1"),
             ] {
-                write_sysctl(&format!("net/ipv4/conf/{vmac_if}/{k}"), v)?;
+                ensure_sysctl(&format!("net/ipv4/conf/{vmac_if}/{k}"), v)?;
             }
             for (k, v) in [
                 ("arp_ignore", "1"),
                 ("arp_filter", "1"),
                 ("arp_announce", "2"),
             ] {
-                write_sysctl(&format!("net/ipv4/conf/{parent}/{k}"), v)?;
+                ensure_sysctl(&format!("net/ipv4/conf/{parent}/{k}"), v)?;
             }
             if ipv6 {
-                write_sysctl(&format!("net/ipv6/conf/{vmac_if}/disable_ipv6"), "1")?;
+                ensure_sysctl(&format!("net/ipv6/conf/{vmac_if}/disable_ipv6"), "1")?;
             }
         }
         Family::V6 => {
             // No link-local or SLAAC address: only the VIPs (added as master) send from it.
-            write_sysctl(&format!("net/ipv6/conf/{vmac_if}/addr_gen_mode"), "1")?;
-            write_sysctl(&format!("net/ipv6/conf/{vmac_if}/accept_dad"), "0")?;
+            ensure_sysctl(&format!("net/ipv6/conf/{vmac_if}/addr_gen_mode"), "1")?;
+            ensure_sysctl(&format!("net/ipv6/conf/{vmac_if}/accept_dad"), "0")?;
         }
     }
     if read_sysctl("net/ipv4/conf/all/rp_filter").is_some_and(|v| v != "0") {

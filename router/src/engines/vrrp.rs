@@ -29,6 +29,11 @@ use crate::status::{ComponentState, ComponentStatus, StatusBoard};
 /// before it is tried again.
 const SETUP_RETRY: Duration = Duration::from_secs(5);
 
+/// How often packet counters alone refresh the status board: at 10 ms adverts every advert
+/// changes them, and serialising /status 100 times a second costs more than the protocol.
+/// State, priority, master and errors are shown at once.
+const COUNTERS_EVERY: Duration = Duration::from_secs(1);
+
 /// The VRRP instances of the daemon.
 #[derive(Debug)]
 pub(super) struct VrrpEngine {
@@ -37,6 +42,54 @@ pub(super) struct VrrpEngine {
     /// Tasks of removed or restarted instances still handing over; awaited at shutdown.
     stopping: Vec<JoinHandle<()>>,
     view: Option<Arc<View>>,
+    thread: VrrpThread,
+}
+
+/// The thread the instances run on: a current-thread runtime of their own. At 10 ms adverts
+/// an instance wakes 100 times a second; on the daemon's shared multi-thread runtime each
+/// wake-up hopped between worker threads (futex wake-ups dominated the idle master's CPU),
+/// and any long task elsewhere (an IPVS reconcile, a big /status) could delay an advert.
+/// Here timer, socket and status mirroring stay on one thread that does nothing else.
+/// Created on first use; falls back to the caller's runtime if the thread cannot start.
+#[derive(Debug, Default)]
+struct VrrpThread {
+    handle: Option<tokio::runtime::Handle>,
+    /// Ends the thread when the engine is dropped.
+    stop: CancellationToken,
+}
+
+impl VrrpThread {
+    fn handle(&mut self) -> tokio::runtime::Handle {
+        if let Some(h) = &self.handle {
+            return h.clone();
+        }
+        let started = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .and_then(|rt| {
+                let handle = rt.handle().clone();
+                let stop = self.stop.clone();
+                std::thread::Builder::new()
+                    .name("vrrp".into())
+                    .spawn(move || rt.block_on(stop.cancelled()))
+                    .map(|_| handle)
+            });
+        let handle = match started {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "VRRP: cannot start its own thread; running on the shared runtime");
+                tokio::runtime::Handle::current()
+            }
+        };
+        self.handle = Some(handle.clone());
+        handle
+    }
+}
+
+impl Drop for VrrpThread {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 #[derive(Debug)]
@@ -92,6 +145,7 @@ impl VrrpEngine {
             instances: BTreeMap::new(),
             stopping: Vec::new(),
             view: None,
+            thread: VrrpThread::default(),
         }
     }
 
@@ -114,6 +168,7 @@ impl VrrpEngine {
             })
             .clone();
         self.stopping.retain(|t| !t.is_finished());
+        let runtime = self.thread.handle();
         let desired: BTreeMap<String, InstanceConfig> = instance_configs(config)
             .into_iter()
             .map(|c| (c.name.clone(), c))
@@ -138,7 +193,7 @@ impl VrrpEngine {
                          metrics: &::vrrp::VrrpMetrics| {
                 let cancel = root.child_token();
                 let (reload, reload_rx) = watch::channel(new.clone());
-                let task = tokio::spawn(instance_task(
+                let task = runtime.spawn(instance_task(
                     previous,
                     reload_rx,
                     shared.healthy.clone(),
@@ -351,12 +406,26 @@ async fn instance_task(
         };
         let run = ::vrrp::run(config, handles);
         tokio::pin!(run);
+        let mut shown: Option<InstanceStatus> = None;
+        let mut flush_at: Option<tokio::time::Instant> = None;
         let result = loop {
             tokio::select! {
                 res = &mut run => break res,
                 Ok(()) = status_rx.changed() => {
                     let s = status_rx.borrow_and_update().clone();
-                    view.update(&name, s, None);
+                    if shown.as_ref().is_none_or(|old| !same_but_counters(old, &s)) {
+                        view.update(&name, s.clone(), None);
+                        shown = Some(s);
+                        flush_at = None;
+                    } else if flush_at.is_none() {
+                        flush_at = Some(tokio::time::Instant::now() + COUNTERS_EVERY);
+                    }
+                }
+                _ = sleep_until_opt(flush_at) => {
+                    flush_at = None;
+                    let s = status_rx.borrow().clone();
+                    view.update(&name, s.clone(), None);
+                    shown = Some(s);
                 }
                 Ok(()) = healthy.changed() => {
                     let n = tracked_count(&healthy.borrow_and_update(), &mut last_complete);
@@ -378,6 +447,24 @@ async fn instance_task(
         }
     }
     view.remove(&name);
+}
+
+/// True when `a` and `b` differ at most in their packet counters.
+fn same_but_counters(a: &InstanceStatus, b: &InstanceStatus) -> bool {
+    let strip = |s: &InstanceStatus| InstanceStatus {
+        adverts_sent: 0,
+        adverts_received: 0,
+        invalid: BTreeMap::new(),
+        ..s.clone()
+    };
+    strip(a) == strip(b)
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Removes VIPs a restarted instance no longer holds (see [`Restart::Adopt`]).
