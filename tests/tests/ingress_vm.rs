@@ -127,7 +127,13 @@ fn open_held(inet: &Netns, i: usize) -> std::io::Result<TcpStream> {
 
 /// Sends `GET /whoami` on an open connection; returns (server name, peer the pod saw).
 fn whoami_on(mut s: TcpStream) -> Result<(String, String), String> {
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    // Generous: under TCG on a busy host a pod can stall for seconds.
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
+    whoami_read(&mut s).map_err(|e| format!("client port {port}: {e}"))
+}
+
+fn whoami_read(s: &mut TcpStream) -> Result<(String, String), String> {
     s.write_all(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("send: {e}"))?;
     let mut buf = Vec::new();
@@ -307,31 +313,70 @@ fn ensure_return_routing(lab: &Lab) -> bool {
     true
 }
 
-/// What the router and gateway 0 have, printed when a connection fails.
+/// What the routers, gateway 0 and the pods have, printed when a connection fails.
 fn diag(lab: &Lab) -> String {
     let mut out = String::new();
-    let r = &lab.router(0).ns;
-    for (what, ns, prog, args) in [
-        ("router ip rule", r, "ip", vec!["-4", "rule"]),
-        ("router ip addr", r, "ip", vec!["-4", "-o", "addr"]),
-        ("router table 50", r, "ip", vec!["route", "show", "table", "50"]),
-        ("router ipvsadm -Lnc", r, "ipvsadm", vec!["-Lnc"]),
-        ("router nft", r, "nft", vec!["list", "ruleset"]),
-        ("router sysctl vs", r, "sh", vec!["-c", "grep . /proc/sys/net/ipv4/vs/conntrack /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv4/conf/*/rp_filter"]),
-        ("gateway 0 nft", &lab.gateway(0).ns, "nft", vec!["list", "ruleset"]),
-        ("gateway 0 neigh", &lab.gateway(0).ns, "ip", vec!["neigh"]),
-        ("pod 0 ip route", &lab.ingress_pod(0).ns, "ip", vec!["route"]),
-        ("pod 0 neigh", &lab.ingress_pod(0).ns, "ip", vec!["neigh"]),
-    ] {
+    let mut items: Vec<(String, &Netns, &str, Vec<&str>)> = Vec::new();
+    for r in lab.routers() {
+        let k = r.index;
+        items.push((
+            format!("router {k} ip rule"),
+            &r.ns,
+            "ip",
+            vec!["-4", "rule"],
+        ));
+        items.push((
+            format!("router {k} ip addr"),
+            &r.ns,
+            "ip",
+            vec!["-4", "-o", "addr"],
+        ));
+        items.push((
+            format!("router {k} ipvsadm -Lnc"),
+            &r.ns,
+            "ipvsadm",
+            vec!["-Lnc"],
+        ));
+        items.push((
+            format!("router {k} ipvsadm -Ln"),
+            &r.ns,
+            "ipvsadm",
+            vec!["-Ln"],
+        ));
+        items.push((
+            format!("router {k} nft"),
+            &r.ns,
+            "nft",
+            vec!["list", "ruleset"],
+        ));
+    }
+    items.push((
+        "gateway 0 nft".into(),
+        &lab.gateway(0).ns,
+        "nft",
+        vec!["list", "ruleset"],
+    ));
+    for p in lab.ingress_pods() {
+        items.push((
+            format!("pod {} ss -tan", p.index),
+            &p.ns,
+            "ss",
+            vec!["-tan"],
+        ));
+    }
+    for (what, ns, prog, args) in items {
         let got = ns.exec(prog, &args).unwrap_or_else(|e| format!("({e})"));
         out.push_str(&format!("--- {what}:\n{got}\n"));
     }
-    let log = std::fs::read_to_string(&lab.router(0).log_path).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(30).collect();
-    out.push_str(&format!(
-        "--- router log:\n{}\n",
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    ));
+    for r in lab.routers() {
+        let log = std::fs::read_to_string(&r.log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        out.push_str(&format!(
+            "--- router {} log:\n{}\n",
+            r.index,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
     out
 }
 
@@ -543,8 +588,8 @@ fn ingress_path_through_gateways_with_ipvs() {
     let mut after: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..GATEWAYS {
         for _ in 0..per_gateway {
-            let (server, _) =
-                whoami(&inet, i).unwrap_or_else(|e| panic!("after stop, gateway {i}: {e}"));
+            let (server, _) = whoami(&inet, i)
+                .unwrap_or_else(|e| panic!("after stop, gateway {i}: {e}\n{}", diag(&lab)));
             *after.entry(server).or_default() += 1;
         }
     }
@@ -604,7 +649,8 @@ fn ingress_path_through_gateways_with_ipvs() {
     );
     let mut back = false;
     for k in 0..(GATEWAYS * per_gateway * 2) {
-        let (server, _) = whoami(&inet, k % GATEWAYS).unwrap();
+        let (server, _) = whoami(&inet, k % GATEWAYS)
+            .unwrap_or_else(|e| panic!("after restore: {e}\n{}", diag(&lab)));
         if server == victim_name {
             back = true;
             break;
@@ -670,8 +716,8 @@ fn ingress_path_through_gateways_with_ipvs() {
     let mut served_new = 0;
     for i in 0..GATEWAYS {
         for _ in 0..per_gateway {
-            let (server, _) =
-                whoami(&inet, i).unwrap_or_else(|e| panic!("after failover, gateway {i}: {e}"));
+            let (server, _) = whoami(&inet, i)
+                .unwrap_or_else(|e| panic!("after failover, gateway {i}: {e}\n{}", diag(&lab)));
             assert!(server.starts_with("ingress-pod-"));
             served_new += 1;
         }
