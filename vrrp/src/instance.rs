@@ -239,6 +239,8 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 #[derive(Default)]
 struct Timers {
     adver: Option<Instant>,
+    /// When the Adver timer that is being handled was due (set only while its event is fed).
+    adver_fired: Option<Instant>,
     master_down: Option<Instant>,
     handoff: Option<Instant>,
     garp_burst: Option<Instant>,
@@ -382,7 +384,7 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
                 Some(Event::MasterDownTimerFired)
             }
             _ = sleep_until_opt(adver) => {
-                r.timers.adver = None;
+                r.timers.adver_fired = r.timers.adver.take();
                 Some(Event::AdverTimerFired)
             }
             _ = sleep_until_opt(handoff) => {
@@ -433,6 +435,7 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
                 return r.finish().await;
             }
         }
+        r.timers.adver_fired = None;
     }
 }
 
@@ -592,7 +595,19 @@ impl Runner {
                     self.timers.garp_followup = Some(Instant::now() + self.cfg.advert_interval);
                     self.timers.garp_refresh = g.refresh.map(|d| Instant::now() + d);
                 }
-                Action::ArmAdverTimer { after } => self.timers.adver = Some(Instant::now() + after),
+                Action::ArmAdverTimer { after } => {
+                    // Re-arming after a periodic advert counts from when it was due, not
+                    // from now: otherwise every wake-up's latency adds to the interval and
+                    // at 10 ms adverts the drift eats into the backups' Master_Down margin.
+                    let now = Instant::now();
+                    let base = self
+                        .timers
+                        .adver_fired
+                        .take()
+                        .filter(|due| now.saturating_duration_since(*due) < after)
+                        .unwrap_or(now);
+                    self.timers.adver = Some(base + after)
+                }
                 Action::ArmMasterDownTimer { after } => {
                     self.timers.master_down = Some(Instant::now() + after)
                 }

@@ -103,12 +103,18 @@ fn sock_err<'a>(
     }
 }
 
-/// Hands a socket to tokio's reactor.
+const SEND_RETRIES: u32 = 5;
+
+/// Hands a socket to tokio's reactor, for reading only: adverts are sent without waiting
+/// for writability (see [`VrrpSocket::send`]), and a write interest would wake the runtime
+/// once more after every send (the send buffer's edge), doubling the idle master's wake-ups
+/// at 10 ms adverts.
 #[allow(unsafe_code)]
 pub(crate) fn register(socket: Socket) -> std::io::Result<AsyncFd<Socket>> {
     // SAFETY: `Socket` owns its file descriptor: it stays open and unchanged until the
     // `Socket` is dropped, which happens only when the `AsyncFd` owning it is dropped.
-    unsafe { AsyncFd::register(socket) }.map_err(std::io::Error::from)
+    unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
 }
 
 /// Index of an interface by name.
@@ -317,17 +323,18 @@ impl VrrpSocket {
         &self.destinations
     }
 
-    /// Sends one VRRP message to `dst` from our primary address.
+    /// Sends one VRRP message to `dst` from our primary address. A raw socket's send buffer
+    /// is practically never full for one small advert every few ms; if it is, the send is
+    /// retried a few times 1 ms apart, then reported (the next advert follows anyway).
     pub async fn send(&self, msg: &[u8], dst: IpAddr) -> Result<(), NetworkError> {
+        let mut tries = 0;
         loop {
-            let mut guard = self
-                .fd
-                .writable()
-                .await
-                .map_err(sock_err(&self.interface, "poll writable"))?;
-            match guard.try_io(|fd| self.send_now(fd.get_ref(), msg, dst)) {
-                Ok(r) => return r.map_err(sock_err(&self.interface, "sendmsg advert")),
-                Err(_would_block) => continue,
+            match self.send_now(self.fd.get_ref(), msg, dst) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < SEND_RETRIES => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                r => return r.map_err(sock_err(&self.interface, "sendmsg advert")),
             }
         }
     }
