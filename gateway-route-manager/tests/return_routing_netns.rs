@@ -130,7 +130,6 @@ fn settings(n: usize) -> ReturnRoutingSettings {
             .map(|i| Ipv4Addr::new(192, 168, 26, 128 + u8::try_from(i).unwrap()))
             .collect(),
         consistent: Some(ConsistentSettings {
-            client_interface: "gwnet".into(),
             destinations: vec!["0.0.0.0/0".parse().unwrap()],
             exclude: gateway_route_manager::egress::reserved_ranges(),
             hash_seed: 0xdead_beef,

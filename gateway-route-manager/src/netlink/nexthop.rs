@@ -241,7 +241,7 @@ fn parse_attribute(nla: &NlaBuffer<&[u8]>) -> Result<NexthopAttribute, DecodeErr
         NHA_GROUP_TYPE => NexthopAttribute::GroupType(u16_of(value, "NHA_GROUP_TYPE")?),
         NHA_BLACKHOLE => NexthopAttribute::Blackhole,
         NHA_GROUP => {
-            if value.len() % 8 != 0 {
+            if !value.len().is_multiple_of(8) {
                 return Err(DecodeError::from(format!(
                     "NHA_GROUP: length {} is not a multiple of 8",
                     value.len()

@@ -13,10 +13,10 @@
 //!   ct state new ct mark set ip daddr map @ingress_vips
 //!   ct mark MB-MB+255 meta mark set ct mark return    # ingress wins over egress hashing
 //!   # consistent egress only:
-//!   iifname IF ip daddr @egress_dst ip daddr != @egress_excl meta l4proto { tcp, udp }
+//!   ip daddr @egress_dst ip daddr != @egress_excl meta l4proto { tcp, udp }
 //!     meta mark set jhash ip saddr . ip daddr . th sport . th dport mod N seed S offset SB
 //!     meta mark set meta mark map @buckets return
-//!   iifname IF ... meta l4proto != { tcp, udp }
+//!   ip daddr @egress_dst ... meta l4proto != { tcp, udp }
 //!     meta mark set jhash ip saddr . ip daddr . ip protocol mod N seed S offset SB
 //!     meta mark set meta mark map @buckets return
 //!   meta mark SB-SB+N-1 meta mark set 0               # bucket without gateway: unmarked
@@ -24,6 +24,12 @@
 //! chain output { type route hook output priority mangle; policy accept;
 //!   ct mark MB-MB+255 meta mark set ct mark }         # local replies are re-routed
 //! ```
+//! The egress rules match on destination only, like egress's `to <destination> lookup
+//! <table>` rules: client packets arrive on the VRRP VMAC interface (or any other), and
+//! packets to the router's own addresses are delivered locally whatever their mark (the local
+//! table comes first). Packets of ingress connections were already sent on by the ct-mark
+//! rule above.
+//!
 //! Why two steps for the bucket lookup: a map keyed by `jhash` needs `typeof`, which nft
 //! 1.0.6's JSON cannot express (and its text listing of such a map segfaults), so the hash
 //! goes through the packet mark (`offset SB` keeps it apart from the gateway marks) and the map
@@ -183,7 +189,6 @@ pub fn render(model: &NftModel) -> Vec<Value> {
 
 fn egress_rule(e: &EgressNft, l4_op: &str, concat: Vec<Value>) -> Vec<Value> {
     vec![
-        match_eq(meta("iifname"), json!(e.client_interface)),
         match_eq(payload("ip", "daddr"), json!("@egress_dst")),
         match_op("!=", payload("ip", "daddr"), json!("@egress_excl")),
         match_op(l4_op, meta("l4proto"), json!({ "set": ["tcp", "udp"] })),
@@ -484,7 +489,6 @@ mod tests {
             mark_range: (0x1900, 0x19ff),
             ingress: vec![(Ipv4Addr::new(192, 168, 26, 128), 0x1900)],
             egress: Some(EgressNft {
-                client_interface: "gw0".into(),
                 destinations: vec!["0.0.0.0/0".parse().unwrap()],
                 exclude: vec!["10.0.0.0/8".parse().unwrap()],
                 seed: 1,

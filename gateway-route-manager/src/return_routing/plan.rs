@@ -70,8 +70,6 @@ impl Default for ReturnRoutingSettings {
 /// Stateless, flow-stable egress (`egress.mode: consistent`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsistentSettings {
-    /// Client traffic arrives here (`gateways.interface`).
-    pub client_interface: String,
     /// `egress.destinations`.
     pub destinations: Vec<Ipv4Net>,
     /// `egress.exclude`, plus the reserved ranges when `exclude_reserved`.
@@ -249,7 +247,6 @@ pub struct NftModel {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressNft {
-    pub client_interface: String,
     pub destinations: Vec<Ipv4Net>,
     pub exclude: Vec<Ipv4Net>,
     pub seed: u32,
@@ -277,7 +274,6 @@ pub fn nft_model(s: &ReturnRoutingSettings, table: Option<&BucketTable>) -> NftM
         .map(|(i, vip)| (*vip, s.mark(i)))
         .collect();
     let egress = s.consistent.as_ref().map(|c| EgressNft {
-        client_interface: c.client_interface.clone(),
         destinations: Ipv4Net::aggregate(&c.destinations),
         exclude: Ipv4Net::aggregate(&c.exclude),
         seed: c.hash_seed,
@@ -425,7 +421,6 @@ mod tests {
     fn nft_model_maps_vips_and_buckets() {
         let mut s = settings(4);
         s.consistent = Some(ConsistentSettings {
-            client_interface: "gw0".into(),
             destinations: vec!["0.0.0.0/0".parse().unwrap()],
             exclude: vec![
                 "10.0.0.0/8".parse().unwrap(),

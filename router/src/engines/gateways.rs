@@ -215,7 +215,6 @@ fn return_routing_settings(g: &Gateways) -> grm::ReturnRoutingSettings {
             exclude.extend(grm::egress::reserved_ranges());
         }
         grm::return_routing::ConsistentSettings {
-            client_interface: g.interface.clone(),
             destinations: e.destinations.clone(),
             exclude,
             hash_seed: e.hash_seed,
