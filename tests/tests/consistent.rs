@@ -85,7 +85,6 @@ fn healthy_count(lab: &Lab, k: usize) -> Option<usize> {
 /// What one egress mode did with the flows.
 #[derive(Debug)]
 struct Outcome {
-    mode: &'static str,
     on_dead: usize,
     kept_on_loss: usize,
     /// Flows that kept working but should not have, or stopped but should not have.
@@ -200,7 +199,6 @@ fn scenario(mode: &'static str) -> Outcome {
     let after = flows.check(Duration::from_secs(3));
     let kept_on_failover = survivors.iter().filter(|&&i| after[i]).count();
     let outcome = Outcome {
-        mode,
         on_dead,
         kept_on_loss,
         wrong_fate,
