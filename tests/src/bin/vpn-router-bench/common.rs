@@ -203,3 +203,149 @@ mod tests {
         assert!(rss_kb(me).unwrap() > 0);
     }
 }
+
+/// What a ping run saw: how many were sent and received, and the outage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PingOutage {
+    pub sent: u64,
+    pub received: u64,
+    /// The longest stretch of lost replies: from the last reply before a run of missing
+    /// `icmp_seq`s to the first reply after it (or to the window's start/end when the loss
+    /// touches it). A pause of the prober itself (no ping sent, so no sequence number
+    /// missing) is not an outage; 0 when nothing was lost.
+    pub outage: Duration,
+}
+
+impl PingOutage {
+    pub fn lost(&self) -> u64 {
+        self.sent.saturating_sub(self.received)
+    }
+}
+
+/// `(icmp_seq, epoch seconds)` of every reply in `ping -D` output, and the transmitted count.
+pub fn parse_ping_seq(out: &str) -> (Vec<(u64, f64)>, u64) {
+    let mut replies = Vec::new();
+    let mut sent = 0;
+    for l in out.lines() {
+        if l.contains("bytes from") {
+            let t = l
+                .strip_prefix('[')
+                .and_then(|r| r.split(']').next())
+                .and_then(|t| t.parse::<f64>().ok());
+            let seq = l
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("icmp_seq="))
+                .and_then(|s| s.parse::<u64>().ok());
+            if let (Some(t), Some(seq)) = (t, seq) {
+                replies.push((seq, t));
+            }
+        } else if l.contains("packets transmitted") {
+            sent = l
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    (replies, sent)
+}
+
+/// The outage (see [`PingOutage`]) from replies (sequence numbers start at 1), within the
+/// window `[start, end]` (epoch seconds).
+pub fn seq_outage(replies: &[(u64, f64)], sent: u64, start: f64, end: f64) -> PingOutage {
+    let received = u64::try_from(replies.len()).unwrap_or(u64::MAX);
+    let mut worst = 0.0f64;
+    match (replies.first(), replies.last()) {
+        (Some(&(first_seq, first_t)), Some(&(last_seq, last_t))) => {
+            if first_seq > 1 {
+                worst = worst.max(first_t - start);
+            }
+            for w in replies.windows(2) {
+                let ((sa, ta), (sb, tb)) = (w[0], w[1]);
+                if sb > sa + 1 {
+                    worst = worst.max(tb - ta);
+                }
+            }
+            if last_seq < sent {
+                worst = worst.max(end - last_t);
+            }
+        }
+        _ => {
+            if sent > 0 {
+                worst = end - start;
+            }
+        }
+    }
+    PingOutage {
+        sent,
+        received,
+        outage: Duration::from_secs_f64(worst.max(0.0)),
+    }
+}
+
+/// Pings `target` from `ns` every `interval` for `duration` and runs `action` after `lead`.
+pub fn ping_during(
+    ns: &Netns,
+    target: std::net::Ipv4Addr,
+    interval: Duration,
+    duration: Duration,
+    lead: Duration,
+    action: impl FnOnce(),
+) -> anyhow::Result<PingOutage> {
+    let epoch = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let start = epoch();
+    let child = ns
+        .command("ping")
+        .args(["-n", "-D", "-W", "0.2"])
+        .args(["-i", &format!("{:.3}", interval.as_secs_f64())])
+        .args(["-w", &duration.as_secs().max(1).to_string()])
+        .arg(target.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("ping in {} (apt-get install iputils-ping)", ns.name()))?;
+    std::thread::sleep(lead);
+    action();
+    let out = child.wait_with_output().context("wait for ping")?;
+    let end = epoch();
+    let (replies, sent) = parse_ping_seq(&String::from_utf8_lossy(&out.stdout));
+    Ok(seq_outage(&replies, sent, start, end))
+}
+
+#[cfg(test)]
+mod ping_tests {
+    use super::*;
+
+    #[test]
+    fn outage_counts_only_lost_sequence_numbers() {
+        let out = "PING 1.2.3.4 (1.2.3.4) 56(84) bytes of data.\n\
+[100.000] 64 bytes from 1.2.3.4: icmp_seq=1 ttl=64 time=0.1 ms\n\
+[100.005] 64 bytes from 1.2.3.4: icmp_seq=2 ttl=64 time=0.1 ms\n\
+[100.300] 64 bytes from 1.2.3.4: icmp_seq=3 ttl=64 time=0.1 ms\n\
+[100.340] 64 bytes from 1.2.3.4: icmp_seq=11 ttl=64 time=0.1 ms\n\
+[100.345] 64 bytes from 1.2.3.4: icmp_seq=12 ttl=64 time=0.1 ms\n\
+\n--- 1.2.3.4 ping statistics ---\n\
+12 packets transmitted, 5 received, 58% packet loss, time 345ms\n";
+        let (r, sent) = parse_ping_seq(out);
+        assert_eq!((r.len(), sent), (5, 12));
+        let o = seq_outage(&r, sent, 99.99, 100.35);
+        // The 295 ms pause between seq 2 and 3 lost nothing: the prober stalled.
+        assert!((o.outage.as_secs_f64() - 0.040).abs() < 1e-9, "{o:?}");
+        assert_eq!(o.lost(), 7);
+    }
+
+    #[test]
+    fn loss_at_the_edges_and_no_reply() {
+        let r = [(3, 10.1), (4, 10.2)];
+        let o = seq_outage(&r, 6, 10.0, 11.0);
+        assert!((o.outage.as_secs_f64() - 0.8).abs() < 1e-9, "{o:?}");
+        let o = seq_outage(&[], 5, 10.0, 11.0);
+        assert_eq!(o.outage, Duration::from_secs(1));
+        let o = seq_outage(&[(1, 10.0), (2, 10.01)], 2, 9.9, 10.5);
+        assert_eq!(o.outage, Duration::ZERO);
+    }
+}

@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use lab::config::priority;
 use lab::lab::RouterLink;
-use lab::probe::Outage;
 use lab::{topo, Lab};
 
-use crate::common::{cpu_percent, ms, rss_kb, wait_until};
+use crate::common::{cpu_percent, ms, ping_during, rss_kb, wait_until, PingOutage as Outage};
 use crate::stats::{render_table, Row};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -290,14 +289,15 @@ fn wait_r0_master(lab: &Lab, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ping(lab: &Lab, a: &Args, action: impl FnOnce() + Send) -> anyhow::Result<Outage> {
-    Ok(lab.client(0).ping_outage(
+fn ping(lab: &Lab, a: &Args, action: impl FnOnce()) -> anyhow::Result<Outage> {
+    ping_during(
+        &lab.client(0).ns,
         topo::EGRESS_VIP,
         Duration::from_millis(a.ping_ms),
         Duration::from_secs(2),
         Duration::from_millis(400),
         action,
-    )?)
+    )
 }
 
 fn measure(lab: &Lab, a: &Args, v: &mut dyn Vrrp) -> anyhow::Result<Option<Measured>> {
@@ -322,7 +322,7 @@ fn measure(lab: &Lab, a: &Args, v: &mut dyn Vrrp) -> anyhow::Result<Option<Measu
             "[vrrp] {name} link cut {}/{}: outage {:.1} ms, {} of {} pings lost",
             t + 1,
             a.trials,
-            ms(o.longest_gap),
+            ms(o.outage),
             o.lost(),
             o.sent
         );
@@ -342,7 +342,7 @@ fn measure(lab: &Lab, a: &Args, v: &mut dyn Vrrp) -> anyhow::Result<Option<Measu
             "[vrrp] {name} SIGTERM {}/{}: outage {:.1} ms, {} of {} pings lost",
             t + 1,
             a.trials,
-            ms(o.longest_gap),
+            ms(o.outage),
             o.lost(),
             o.sent
         );
@@ -404,7 +404,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     println!();
     println!("## VRRP (issue 5)");
     println!(
-        "params: VRRPv3, advert interval {} ms, priorities {} / {}, preempt, VMAC on gw0 (adverts on gw0), VIP {}/{}; client pings the VIP every {} ms (ping -i, 2 s per trial); outage = longest gap between replies; link cut = the master's gw0 and vrrp0 cables unplugged at the switch; SIGTERM = the master's process; {} trials each; idle CPU = (utime+stime) over {} s",
+        "params: VRRPv3, advert interval {} ms, priorities {} / {}, preempt, VMAC on gw0 (adverts on gw0), VIP {}/{}; client pings the VIP every {} ms (ping -i, 2 s per trial); outage = from the last reply before a run of lost pings (missing icmp_seq) to the first reply after it, so a stall of the prober itself does not count; link cut = the master's gw0 and vrrp0 cables unplugged at the switch; SIGTERM = the master's process; {} trials each; idle CPU = (utime+stime) over {} s",
         a.advert_ms,
         priority(0, 2),
         priority(1, 2),
@@ -419,7 +419,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     for (name, m) in &results {
         match m {
             Some(m) => {
-                let gap = |v: &[Outage]| v.iter().map(|o| ms(o.longest_gap)).collect::<Vec<_>>();
+                let gap = |v: &[Outage]| v.iter().map(|o| ms(o.outage)).collect::<Vec<_>>();
                 let lo = |v: &[Outage]| v.iter().map(|o| o.lost() as f64).collect::<Vec<_>>();
                 let ours = *name == "vpn-router";
                 let note = |t: &'static str| if ours { t } else { "reference" };
