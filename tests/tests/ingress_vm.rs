@@ -33,13 +33,35 @@ const RESOLVERS: [Ipv4Addr; 2] = [
 ];
 /// Everything in the VM is 5-10x slower (TCG): generous bounds.
 const BOUND: Duration = Duration::from_secs(30);
+/// The `hold` virtual server: a line service in every ingress pod (started by this test, no
+/// idle timeout) for connections held open across a change.
+const HOLD_PORT: u16 = 6667;
+/// Gateway i forwards this port to its ingress VIP's HOLD_PORT (a rule this test adds).
+fn hold_forwarded_port(i: usize) -> u16 {
+    40100 + i as u16
+}
+const HOLD_VS: &str = "    - name: hold
+      port: 6667
+      protocols: [tcp]
+      addresses: gateway_ingress_vips
+      scheduler: mh
+      scheduler_flags: [fallback, port]
+      real_servers: [192.168.27.0/28]
+      real_port: 6667
+      health_check: { type: tcp, interval: 1s, timeout: 900ms, rise: 2, fall: 2 }
+      on_failure: quiesce
+";
 
+/// Slower than the lab's defaults: under TCG on a busy 2-core host the guest stalls for
+/// hundreds of milliseconds, and 100 ms adverts or 150 ms gluetun timeouts then flap.
 fn tuning() -> RouterTuning {
     RouterTuning {
         egress_mode: "ecmp".into(),
         checks: vec!["vpn_status".into(), "public_ip".into()],
-        health_interval: Duration::from_millis(500),
-        health_timeout: Duration::from_millis(300),
+        advert_interval: Duration::from_millis(500),
+        health_interval: Duration::from_secs(1),
+        health_timeout: Duration::from_millis(800),
+        fall: 3,
         log_level: "info".into(),
         ..RouterTuning::default()
     }
@@ -53,7 +75,7 @@ const DNS_VS: &str = "    - name: dns
       scheduler_flags: [fallback, port]
       real_servers: [192.168.27.128/31]
       real_port: 53
-      health_check: { type: dns, query: resolver.lab.test, interval: 1s, timeout: 500ms, rise: 1, fall: 2 }
+      health_check: { type: dns, query: resolver.lab.test, interval: 1s, timeout: 900ms, rise: 1, fall: 2 }
       on_failure: remove
 ";
 
@@ -152,25 +174,6 @@ fn whoami_read(s: &mut TcpStream) -> Result<(String, String), String> {
 
 fn whoami(inet: &Netns, i: usize) -> Result<(String, String), String> {
     whoami_on(open_held(inet, i).map_err(|e| format!("connect via gateway {i}: {e}"))?)
-}
-
-/// IPVS connections on router 0: client source port → real server (from `ipvsadm -Lnc`).
-fn ipvs_conns(lab: &Lab) -> BTreeMap<u16, String> {
-    let out = lab
-        .router(0)
-        .ns
-        .exec("ipvsadm", &["-Lnc"])
-        .unwrap_or_default();
-    out.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() < 6 || f[0] != "TCP" {
-                return None;
-            }
-            let src: SocketAddr = f[3].parse().ok()?;
-            Some((src.port(), f[5].to_owned()))
-        })
-        .collect()
 }
 
 /// A DNS answer for `resolver.lab.test`-style queries: one A record with the responder's own
@@ -384,13 +387,147 @@ fn block_pod(lab: &Lab, m: usize, on: bool) {
     let ns = &lab.ingress_pod(m).ns;
     if on {
         ns.nft(&format!(
-            "table inet ingress_test_stop {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    tcp dport {} tcp flags & (syn | ack) == syn reject with tcp reset\n  }}\n}}\n",
+            "table inet ingress_test_stop {{\n  chain input {{\n    type filter hook input priority 0; policy accept;\n    tcp dport {{ {}, {HOLD_PORT} }} tcp flags & (syn | ack) == syn reject with tcp reset\n  }}\n}}\n",
             topo::INGRESS_PORT
         ))
         .unwrap();
     } else {
         ns.nft("delete table inet ingress_test_stop\n").unwrap();
     }
+}
+
+/// A line service in every ingress pod on HOLD_PORT: answers each line with the pod's name.
+/// Runs on threads of this test process, on sockets bound inside the pods' namespaces.
+fn start_hold_servers(lab: &Lab) {
+    for p in lab.ingress_pods() {
+        let l =
+            p.ns.run_in(|| std::net::TcpListener::bind(("0.0.0.0", HOLD_PORT)))
+                .unwrap()
+                .unwrap();
+        let name = format!("ingress-pod-{}", p.index);
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let mut r = std::io::BufReader::new(c.try_clone().unwrap());
+                    let mut line = String::new();
+                    while std::io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) > 0 {
+                        if c.write_all(format!("{name}\n").as_bytes()).is_err() {
+                            return;
+                        }
+                        line.clear();
+                    }
+                });
+            }
+        });
+    }
+    for g in lab.gateways() {
+        let i = g.index;
+        g.ns.nft(&format!(
+            "add rule ip lab prerouting iifname \"wan0\" tcp dport {} dnat to {}:{HOLD_PORT}\n",
+            hold_forwarded_port(i),
+            topo::ingress_vip(i)
+        ))
+        .unwrap();
+    }
+}
+
+/// A connection from the Internet host through gateway i to the `hold` virtual server.
+struct Held {
+    gateway: usize,
+    stream: TcpStream,
+    reader: std::io::BufReader<TcpStream>,
+    /// The pod that answered when it was opened.
+    pod: String,
+}
+
+impl Held {
+    fn open(inet: &Netns, i: usize) -> Result<Held, String> {
+        let to = SocketAddr::from((topo::gateway_public(i), hold_forwarded_port(i)));
+        let stream = inet
+            .run_in(move || TcpStream::connect_timeout(&to, Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("connect via gateway {i}: {e}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let reader = std::io::BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        let mut h = Held {
+            gateway: i,
+            stream,
+            reader,
+            pod: String::new(),
+        };
+        h.pod = h.ask()?;
+        Ok(h)
+    }
+
+    /// Who answers on this connection now.
+    fn ask(&mut self) -> Result<String, String> {
+        self.stream
+            .write_all(b"who\n")
+            .map_err(|e| format!("send: {e}"))?;
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut self.reader, &mut line)
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("closed".into());
+        }
+        Ok(line.trim().to_owned())
+    }
+}
+
+fn open_held_all(lab: &Lab, inet: &Netns, per_gateway: usize) -> Vec<Held> {
+    let mut out = Vec::new();
+    for i in 0..GATEWAYS {
+        for _ in 0..per_gateway {
+            out.push(
+                Held::open(inet, i).unwrap_or_else(|e| {
+                    panic!("hold connection via gateway {i}: {e}\n{}", diag(lab))
+                }),
+            );
+        }
+    }
+    out
+}
+
+/// Asks every held connection again: (answered by the same pod, broken or moved).
+fn check_held(held: &mut [Held], skip_pod: Option<&str>) -> (usize, Vec<String>) {
+    let mut kept = 0;
+    let mut broken = Vec::new();
+    for h in held.iter_mut() {
+        if skip_pod == Some(h.pod.as_str()) {
+            continue;
+        }
+        match h.ask() {
+            Ok(p) if p == h.pod => kept += 1,
+            Ok(p) => broken.push(format!("gw {}: {} -> {p}", h.gateway, h.pod)),
+            Err(e) => broken.push(format!("gw {} on {}: {e}", h.gateway, h.pod)),
+        }
+    }
+    (kept, broken)
+}
+
+/// IPVS writes by op, from a /metrics body.
+fn writes(m: &str, op: &str) -> u64 {
+    m.lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "vpn_router_ipvs_changes_total{{op=\"{op}\",result=\"ok\"}}"
+            ))
+        })
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Destination addresses of one service in kernel order, as `ipvsadm -Ln -t` lists them.
+fn dests_of(r: &lab::lab::RouterNode, vip: Ipv4Addr, port: u16) -> Vec<String> {
+    let t =
+        r.ns.exec("ipvsadm", &["-Ln", "-t", &format!("{vip}:{port}")])
+            .unwrap_or_default();
+    t.lines()
+        .filter(|l| l.trim_start().starts_with("-> 192."))
+        .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned())
+        .collect()
 }
 
 #[test]
@@ -415,16 +552,18 @@ fn ingress_path_through_gateways_with_ipvs() {
         .build()
         .unwrap_or_else(|e| panic!("building the lab failed: {e}"));
     let resolvers = start_resolvers(&lab);
+    start_hold_servers(&lab);
     for r in lab.routers() {
         r.rewrite_config(|y| {
-            assert!(y.contains("rise: 1, fall: 2"), "lab config changed:\n{y}");
-            let y = y.replace("rise: 1, fall: 2", "rise: 2, fall: 2");
-            // The DNS virtual server goes right after port-1 (still inside `ingress:`).
+            let lab_check = "interval: 1s, timeout: 500ms, rise: 1, fall: 2";
+            assert!(y.contains(lab_check), "lab config changed:\n{y}");
+            let y = y.replace(lab_check, "interval: 1s, timeout: 900ms, rise: 2, fall: 2");
+            // More virtual servers right after port-1 (still inside `ingress:`).
             let at = y
                 .find("      on_failure: quiesce\n")
                 .expect("port-1 in the lab config")
                 + "      on_failure: quiesce\n".len();
-            format!("{}{DNS_VS}{}", &y[..at], &y[at..])
+            format!("{}{HOLD_VS}{DNS_VS}{}", &y[..at], &y[at..])
         })
         .unwrap();
     }
@@ -434,20 +573,38 @@ fn ingress_path_through_gateways_with_ipvs() {
     println!("RESULT lab_setup_s={:.2}", t_build.elapsed().as_secs_f64());
 
     // Ready: VIPs held, every ingress pod up (weight 1), the two resolvers in.
+    let all_up = |k: usize, vs: &str| -> Option<bool> {
+        let (ready, m) = real_servers_on(&lab, k, vs)?;
+        Some(
+            ready
+                && (0..PODS).all(|p| {
+                    m.values().filter(|s| s.0 == "up").count() == PODS
+                        && m.get(&format!(
+                            "{}:{}",
+                            topo::ingress_pod(p),
+                            if vs == "hold" {
+                                HOLD_PORT
+                            } else {
+                                topo::INGRESS_PORT
+                            }
+                        ))
+                        .is_some_and(|s| s.0 == "up" && s.1 == Some(1))
+                }),
+        )
+    };
     let (_, t_ready) = wait_for(
-        "router 0 to be master and every real server up",
+        "router 0 to be master and every real server up on both routers",
         &lab,
         || {
-            let (ready, m) = real_servers(&lab, "port-1")?;
-            let up = (0..PODS).all(|p| {
-                m.get(&pod_addr(p))
-                    .is_some_and(|s| s.0 == "up" && s.1 == Some(1))
-            });
-            let (_, d) = real_servers(&lab, "dns")?;
-            let dns_up = d.values().filter(|s| s.0 == "up").count() == RESOLVERS.len();
-            let backup_ready = real_servers_on(&lab, 1, "port-1")?.0;
-            (ready && backup_ready && up && dns_up && lab.router(0).holds_egress_vip())
-                .then_some(())
+            let dns_up = real_servers(&lab, "dns")?
+                .1
+                .values()
+                .filter(|s| s.0 == "up")
+                .count()
+                == RESOLVERS.len();
+            let ok = (0..2)
+                .all(|k| all_up(k, "port-1") == Some(true) && all_up(k, "hold") == Some(true));
+            (ok && dns_up && lab.router(0).holds_egress_vip()).then_some(())
         },
     );
     println!("RESULT ready_after_start_s={:.2}", t_ready.as_secs_f64());
@@ -475,15 +632,15 @@ fn ingress_path_through_gateways_with_ipvs() {
         "{m:?}"
     );
     let ipvsadm = lab.router(0).ns.exec("ipvsadm", &["-Ln"]).unwrap();
-    println!("ipvsadm -Ln on router 0:\n{ipvsadm}");
     assert!(ipvsadm.contains("mh (mh-fallback,mh-port)"), "{ipvsadm}");
     for i in 0..GATEWAYS {
-        assert!(
-            ipvsadm.contains(&format!("TCP  {}:6666", topo::ingress_vip(i))),
-            "no service on ingress VIP {i}:\n{ipvsadm}"
-        );
+        for port in [topo::INGRESS_PORT, HOLD_PORT] {
+            assert!(
+                ipvsadm.contains(&format!("TCP  {}:{port}", topo::ingress_vip(i))),
+                "no service {port} on ingress VIP {i}:\n{ipvsadm}"
+            );
+        }
     }
-
     let hand_rr = ensure_return_routing(&lab);
     println!(
         "RESULT return_routing={}",
@@ -494,20 +651,24 @@ fn ingress_path_through_gateways_with_ipvs() {
     // Internet host's address; the reply comes back through the same gateway (else no answer).
     let inet = lab.internet().clone();
     let per_gateway = 12;
-    let mut served: BTreeMap<String, usize> = BTreeMap::new();
-    let t1 = Instant::now();
-    for i in 0..GATEWAYS {
-        for _ in 0..per_gateway {
-            let (server, peer) =
-                whoami(&inet, i).unwrap_or_else(|e| panic!("gateway {i}: {e}\n{}", diag(&lab)));
-            assert!(
-                peer.starts_with(&format!("{}:", topo::INTERNET_ECHO)),
-                "pod saw {peer}"
-            );
-            *served.entry(server).or_default() += 1;
-        }
-    }
     let n = GATEWAYS * per_gateway;
+    let new_round = |what: &str| -> BTreeMap<String, usize> {
+        let mut served: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 0..GATEWAYS {
+            for _ in 0..per_gateway {
+                let (server, peer) = whoami(&inet, i)
+                    .unwrap_or_else(|e| panic!("{what}, gateway {i}: {e}\n{}", diag(&lab)));
+                assert!(
+                    peer.starts_with(&format!("{}:", topo::INTERNET_ECHO)),
+                    "pod saw {peer}"
+                );
+                *served.entry(server).or_default() += 1;
+            }
+        }
+        served
+    };
+    let t1 = Instant::now();
+    let served = new_round("new connections");
     println!(
         "RESULT new_connections={n} ok={n} mean_ms={:.1} spread={served:?}",
         t1.elapsed().as_secs_f64() * 1000.0 / n as f64
@@ -517,13 +678,13 @@ fn ingress_path_through_gateways_with_ipvs() {
         "mh sent everything to one pod: {served:?}"
     );
 
-    // UDP through a gateway too (the pods echo UDP on the same port).
+    // UDP through every gateway too (the pods echo UDP on the same port).
     for i in 0..GATEWAYS {
         let to = SocketAddr::from((topo::gateway_public(i), topo::gateway_forwarded_port(i)));
         let got = inet
             .run_in(move || -> Result<String, String> {
                 let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-                s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                s.set_read_timeout(Some(Duration::from_secs(5))).ok();
                 s.send_to(b"hello-udp", to).map_err(|e| e.to_string())?;
                 let mut b = [0u8; 64];
                 let (n, from) = s.recv_from(&mut b).map_err(|e| format!("no echo: {e}"))?;
@@ -536,36 +697,23 @@ fn ingress_path_through_gateways_with_ipvs() {
         assert_eq!(got.as_deref(), Ok("hello-udp"), "UDP via gateway {i}");
     }
 
-    // 2. Held connections (opened, no request yet) through every gateway.
-    let mut held = Vec::new();
-    for i in 0..GATEWAYS {
-        for _ in 0..6 {
-            let s = open_held(&inet, i).unwrap();
-            let sport = s.local_addr().unwrap().port();
-            held.push((i, sport, s));
-        }
+    // 2. Connections held open through every gateway (each answered once: we know its pod).
+    let mut held = open_held_all(&lab, &inet, 6);
+    let mut count: BTreeMap<String, usize> = BTreeMap::new();
+    for h in &held {
+        *count.entry(h.pod.clone()).or_default() += 1;
     }
-    let conns = ipvs_conns(&lab);
-    let owner: Vec<String> = held
-        .iter()
-        .map(|(_, sport, _)| conns.get(sport).cloned().unwrap_or_default())
-        .collect();
-    assert!(
-        owner.iter().all(|o| !o.is_empty()),
-        "held connections missing in ipvsadm -Lnc: {conns:?}"
-    );
-    // The victim: the pod holding the most held connections (it has at least one).
-    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
-    for o in &owner {
-        *count.entry(o.as_str()).or_default() += 1;
-    }
-    let victim_addr = count
+    // The victim: the pod holding the most held connections.
+    let victim_name = count
         .iter()
         .max_by_key(|(_, c)| **c)
-        .map(|(a, _)| a.to_string())
+        .map(|(p, _)| p.clone())
         .unwrap();
-    let victim = (0..PODS).find(|&p| pod_addr(p) == victim_addr).unwrap();
-    let victim_name = format!("ingress-pod-{victim}");
+    let victim: usize = victim_name
+        .trim_start_matches("ingress-pod-")
+        .parse()
+        .unwrap();
+    let victim_addr = pod_addr(victim);
 
     // 3. Stop the victim (new connections refused, as a stopped server would).
     let t_stop = Instant::now();
@@ -575,7 +723,7 @@ fn ingress_path_through_gateways_with_ipvs() {
         let s = m.get(&victim_addr)?;
         (s.0 == "down" && s.1 == Some(0)).then_some(())
     });
-    // The kernel has it at weight 0 too.
+    println!("RESULT stop_to_quiesced_s={:.2}", t_down.as_secs_f64());
     let ipvsadm = lab.router(0).ns.exec("ipvsadm", &["-Ln"]).unwrap();
     assert!(
         ipvsadm
@@ -583,53 +731,23 @@ fn ingress_path_through_gateways_with_ipvs() {
             .any(|l| l.contains(&format!("-> {victim_addr}")) && l.contains(" 0 ")),
         "{ipvsadm}"
     );
-    println!("RESULT stop_to_quiesced_s={:.2}", t_down.as_secs_f64());
-
-    let mut after: BTreeMap<String, usize> = BTreeMap::new();
-    for i in 0..GATEWAYS {
-        for _ in 0..per_gateway {
-            let (server, _) = whoami(&inet, i)
-                .unwrap_or_else(|e| panic!("after stop, gateway {i}: {e}\n{}", diag(&lab)));
-            *after.entry(server).or_default() += 1;
-        }
-    }
+    // Held connections to the other pods: every one still answers, from its pod.
+    let (kept, broken) = check_held(&mut held, Some(&victim_name));
+    println!(
+        "RESULT held_connections_on_other_pods_kept={kept}/{} held_for_s={:.2}",
+        kept + broken.len(),
+        t_stop.elapsed().as_secs_f64()
+    );
+    assert!(
+        broken.is_empty() && kept > 0,
+        "held connections broken by the stop: {broken:?}"
+    );
+    let after = new_round("after the stop");
     assert!(
         !after.contains_key(&victim_name),
         "new connections still reach the stopped pod: {after:?}"
     );
     println!("RESULT after_stop_new_connections={n} ok={n} spread={after:?}");
-
-    // Held connections to the other pods: every one still answers, from the pod IPVS gave it
-    // at the start. The stopped pod's own connections are not promised anything (the stop
-    // here refuses only new connections, so they usually survive).
-    let mut on_others = 0;
-    let mut victims_answered = 0;
-    for ((i, sport, s), o) in held.into_iter().zip(&owner) {
-        if *o == victim_addr {
-            victims_answered += usize::from(whoami_on(s).is_ok());
-            continue;
-        }
-        let (server, _) = whoami_on(s).unwrap_or_else(|e| {
-            panic!(
-                "held connection via gateway {i} (port {sport}, on {o}) broke: {e}\n{}",
-                diag(&lab)
-            )
-        });
-        let expect = (0..PODS)
-            .find(|&p| &pod_addr(p) == o)
-            .map(|p| format!("ingress-pod-{p}"))
-            .unwrap();
-        assert_eq!(server, expect, "held connection moved");
-        on_others += 1;
-    }
-    assert!(
-        on_others > 0,
-        "no held connection on the other pods: {owner:?}"
-    );
-    println!(
-        "RESULT held_connections_on_other_pods_kept={on_others}/{on_others} on_stopped_pod_answered={victims_answered} held_for_s={:.2}",
-        t_stop.elapsed().as_secs_f64()
-    );
 
     // 4. Restore: up again after `rise` (2) good checks at a 1 s interval.
     let t_fix = Instant::now();
@@ -657,35 +775,39 @@ fn ingress_path_through_gateways_with_ipvs() {
         }
     }
     assert!(back, "the restored pod gets no new connections");
+    let (kept, broken) = check_held(&mut held, None);
+    assert!(
+        broken.is_empty(),
+        "held connections broken by the restore: {broken:?}"
+    );
+    println!("RESULT held_connections_after_restore_kept={kept}/{kept}");
+    drop(held);
 
     // 5. DNS: a client pod asks the egress VIP; one of the resolvers answers (through IPVS).
     let client = lab.client(0).ns.clone();
     let mut answered: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for id in 0..20u16 {
         let a = dns_query_via_vip(&client, 0x4000 + id)
-            .unwrap_or_else(|e| panic!("DNS via the egress VIP: {e}"));
+            .unwrap_or_else(|e| panic!("DNS via the egress VIP: {e}\n{}", diag(&lab)));
         assert!(RESOLVERS.contains(&a), "answer {a}");
         answered.insert(a);
     }
     println!("RESULT dns_queries=20 ok=20 resolvers_seen={answered:?}");
 
+    // Kernel counters and check metrics reach /metrics.
+    let metrics = lab.router(0).api_get("/metrics").unwrap().body;
+    for want in [
+        "vpn_router_ipvs_destination_connections_total{virtual_server=\"port-1\"",
+        "vpn_router_ingress_real_servers_up{virtual_server=\"port-1\"} 4",
+        "vpn_router_ingress_check_duration_seconds_bucket",
+    ] {
+        assert!(metrics.contains(want), "{want} not in /metrics:\n{metrics}");
+    }
+
     // 6. Router failover: the master's pod dies; the backup takes the VIPs and serves new
     // connections; connections opened through the old master continue on the same pod (same
     // maglev table on both routers, sloppy_tcp adopts them mid-stream).
-    let mut held = Vec::new();
-    for i in 0..GATEWAYS {
-        for _ in 0..4 {
-            let s = open_held(&inet, i).unwrap();
-            let sport = s.local_addr().unwrap().port();
-            held.push((i, sport, s));
-        }
-    }
-    let conns = ipvs_conns(&lab);
-    let owner: Vec<String> = held
-        .iter()
-        .map(|(_, sport, _)| conns.get(sport).cloned().unwrap_or_default())
-        .collect();
-    let metrics_before = lab.router(0).api_get("/metrics").unwrap().body;
+    let mut held = open_held_all(&lab, &inet, 4);
     let t_kill = Instant::now();
     lab.router(0).kill_pod().unwrap();
     let (_, t_takeover) = wait_for("router 1 to take the VIPs", &lab, || {
@@ -695,82 +817,43 @@ fn ingress_path_through_gateways_with_ipvs() {
         "RESULT failover_vip_takeover_s={:.2}",
         t_takeover.as_secs_f64()
     );
-    let mut kept = 0;
-    let mut broken = Vec::new();
-    for ((i, sport, s), o) in held.into_iter().zip(&owner) {
-        let expect = (0..PODS)
-            .find(|&p| &pod_addr(p) == o)
-            .map(|p| format!("ingress-pod-{p}"))
-            .unwrap_or_default();
-        match whoami_on(s) {
-            Ok((server, _)) if server == expect => kept += 1,
-            Ok((server, _)) => broken.push(format!("gw {i} port {sport}: {expect} -> {server}")),
-            Err(e) => broken.push(format!("gw {i} port {sport} on {expect}: {e}")),
-        }
-    }
-    let n_held = owner.len();
+    let (kept, broken) = check_held(&mut held, None);
     println!(
-        "RESULT failover_held_connections_kept={kept}/{n_held} after_s={:.2} broken={broken:?}",
+        "RESULT failover_held_connections_kept={kept}/{} after_s={:.2} broken={broken:?}",
+        held.len(),
         t_kill.elapsed().as_secs_f64()
     );
-    let mut served_new = 0;
-    for i in 0..GATEWAYS {
-        for _ in 0..per_gateway {
-            let (server, _) = whoami(&inet, i)
-                .unwrap_or_else(|e| panic!("after failover, gateway {i}: {e}\n{}", diag(&lab)));
-            assert!(server.starts_with("ingress-pod-"));
-            served_new += 1;
-        }
-    }
-    println!("RESULT failover_new_connections={n} ok={served_new}");
-    assert_eq!(
-        kept, n_held,
+    let failover_new = new_round("after the failover");
+    println!("RESULT failover_new_connections={n} ok={n} spread={failover_new:?}");
+    assert!(
+        broken.is_empty(),
         "connections broken by the router failover: {broken:?}"
     );
+    drop(held);
 
     // 7. Reload on the surviving router without the DNS virtual server: its service goes,
     // nothing else is written (the new engine adopts the kernel's state).
     let r1 = lab.router(1);
     let before = r1.api_get("/metrics").unwrap().body;
-    let table_before: Vec<String> = r1
-        .ns
-        .exec("ipvsadm", &["-Ln"])
-        .unwrap()
-        .lines()
-        .filter(|l| !l.contains(":53"))
-        .map(str::to_owned)
-        .collect();
+    let strip = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.contains(":53"))
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    let table_before = strip(&r1.ns.exec("ipvsadm", &["-Ln"]).unwrap());
     r1.rewrite_config(|y| y.replace(DNS_VS, "")).unwrap();
     r1.sighup();
     let (_, t_reload) = wait_for("the DNS service to go after the reload", &lab, || {
         let t = r1.ns.exec("ipvsadm", &["-Ln"]).ok()?;
-        (!t.contains("192.168.26.254:53")).then_some(t)
+        (!t.contains("192.168.26.254:53")).then_some(())
     });
     let after = r1.api_get("/metrics").unwrap().body;
-    let table_after: Vec<String> = r1
-        .ns
-        .exec("ipvsadm", &["-Ln"])
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    // Weights and order of port-1 unchanged (connection counters may differ).
-    let strip = |v: &[String]| -> Vec<String> {
-        v.iter()
-            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .collect()
-    };
-    assert_eq!(strip(&table_before), strip(&table_after));
-    let writes = |m: &str, op: &str| -> u64 {
-        m.lines()
-            .find(|l| {
-                l.starts_with(&format!(
-                    "vpn_router_ipvs_changes_total{{op=\"{op}\",result=\"ok\"}}"
-                ))
-            })
-            .and_then(|l| l.split_whitespace().last()?.parse().ok())
-            .unwrap_or(0)
-    };
+    // Weights and order of the other services unchanged (connection counters may differ).
+    assert_eq!(
+        table_before,
+        strip(&r1.ns.exec("ipvsadm", &["-Ln"]).unwrap())
+    );
     let mut delta = BTreeMap::new();
     for op in [
         "add_service",
@@ -793,14 +876,56 @@ fn ingress_path_through_gateways_with_ipvs() {
         "the reload wrote more than the one delete: {delta:?}"
     );
 
-    // Kernel counters reach /metrics (read before router 0 died).
-    let metrics = metrics_before;
-    for want in [
-        "vpn_router_ipvs_destination_connections_total{virtual_server=\"port-1\"",
-        "vpn_router_ingress_real_servers_up{virtual_server=\"port-1\"} 4",
-        "vpn_router_ingress_check_duration_seconds_bucket",
-    ] {
-        assert!(metrics.contains(want), "{want} not in /metrics:\n{metrics}");
-    }
+    // 8. `on_failure: remove` with mh: a server that comes back sorts before the others, so
+    // they are re-inserted behind it (delete + add in one batch) to keep the list in
+    // fresh-build order. The list must read back as before, and connections to the
+    // re-inserted servers must go on (the kernel restores them from its trash).
+    r1.rewrite_config(|y| y.replace("      on_failure: quiesce\n", "      on_failure: remove\n"))
+        .unwrap();
+    r1.sighup();
+    let vip0 = topo::ingress_vip(0);
+    let (order_before, _) = wait_for(
+        "remove mode: only the 4 live pods as destinations",
+        &lab,
+        || {
+            let a = dests_of(r1, vip0, topo::INGRESS_PORT);
+            let b = dests_of(r1, vip0, HOLD_PORT);
+            (a.len() == PODS && b.len() == PODS).then_some((a, b))
+        },
+    );
+    let m0 = r1.api_get("/metrics").unwrap().body;
+    block_pod(&lab, 0, true);
+    wait_for("pod 0 removed", &lab, || {
+        (dests_of(r1, vip0, topo::INGRESS_PORT).len() == PODS - 1
+            && dests_of(r1, vip0, HOLD_PORT).len() == PODS - 1)
+            .then_some(())
+    });
+    let mut held = open_held_all(&lab, &inet, 4);
+    block_pod(&lab, 0, false);
+    let (order_after, t_back) = wait_for("pod 0 added back", &lab, || {
+        let a = dests_of(r1, vip0, topo::INGRESS_PORT);
+        let b = dests_of(r1, vip0, HOLD_PORT);
+        (a.len() == PODS && b.len() == PODS).then_some((a, b))
+    });
+    let m1 = r1.api_get("/metrics").unwrap().body;
+    let re_added = writes(&m1, "add_destination") - writes(&m0, "add_destination");
+    let re_deleted = writes(&m1, "delete_destination") - writes(&m0, "delete_destination");
+    assert_eq!(
+        order_after, order_before,
+        "destination order changed by the churn"
+    );
+    let (kept, broken) = check_held(&mut held, None);
+    println!(
+        "RESULT remove_mode_churn order_kept=true back_after_s={:.2} writes: delete_destination={re_deleted} add_destination={re_added} (9 services) connections_on_reinserted_servers_kept={kept}/{}",
+        t_back.as_secs_f64(),
+        held.len()
+    );
+    assert!(
+        broken.is_empty(),
+        "connections broken by the re-insertion: {broken:?}"
+    );
+    // 9 services (3 VIPs × tcp/udp port-1, 3 hold): 9 deletes when pod 0 left; coming back,
+    // pods 1-3 (sorting after it) are re-inserted: 27 deletes and 36 adds.
+    assert_eq!((re_deleted, re_added), (9 + 27, 36));
     drop(resolvers);
 }
