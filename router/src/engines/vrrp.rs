@@ -412,8 +412,12 @@ async fn instance_task(
             tokio::select! {
                 res = &mut run => break res,
                 Ok(()) = status_rx.changed() => {
-                    let s = status_rx.borrow_and_update().clone();
-                    if shown.as_ref().is_none_or(|old| !same_but_counters(old, &s)) {
+                    let significant = {
+                        let s = status_rx.borrow_and_update();
+                        shown.as_ref().is_none_or(|old| !same_but_counters(old, &s))
+                    };
+                    if significant {
+                        let s = status_rx.borrow().clone();
                         view.update(&name, s.clone(), None);
                         shown = Some(s);
                         flush_at = None;
@@ -451,13 +455,15 @@ async fn instance_task(
 
 /// True when `a` and `b` differ at most in their packet counters.
 fn same_but_counters(a: &InstanceStatus, b: &InstanceStatus) -> bool {
-    let strip = |s: &InstanceStatus| InstanceStatus {
-        adverts_sent: 0,
-        adverts_received: 0,
-        invalid: BTreeMap::new(),
-        ..s.clone()
-    };
-    strip(a) == strip(b)
+    a.name == b.name
+        && a.state == b.state
+        && a.effective_priority == b.effective_priority
+        && a.master_addr == b.master_addr
+        && a.source_addr == b.source_addr
+        && a.transitions == b.transitions
+        && a.last_transition_unix == b.last_transition_unix
+        && a.last_transition_reason == b.last_transition_reason
+        && a.last_error == b.last_error
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
