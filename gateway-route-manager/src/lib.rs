@@ -10,8 +10,8 @@
 //! - [`ddns`]: one DNS name for the public IPs of the healthy gateways (rfc2136, cloudflare, dynu).
 //! - [`metrics`]: Prometheus metrics; [`error`]: error and failure types.
 //!
-//! The crate never parses YAML: the router maps its config to [`health::HealthSettings`] and
-//! [`egress::EgressSettings`].
+//! The crate never parses YAML: the router maps its config to [`health::HealthSettings`],
+//! [`egress::EgressSettings`] and [`return_routing::ReturnRoutingSettings`].
 
 pub mod consistent;
 pub mod ddns;

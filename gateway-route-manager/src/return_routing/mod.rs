@@ -20,7 +20,6 @@ pub use plan::{
     ReturnRoutingSettings, ReturnRoutingSettingsError,
 };
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -495,16 +494,4 @@ fn describe(change: &Change) -> String {
         Change::AddRule(r) => format!("add rule {}", describe_rule(r)),
         Change::DeleteRule(r) => format!("delete rule {}", describe_rule(r)),
     }
-}
-
-/// Buckets per gateway address (for `/status` summaries).
-pub fn shares_by_address(
-    settings: &ReturnRoutingSettings,
-    table: &BucketTable,
-) -> BTreeMap<Ipv4Addr, u32> {
-    table
-        .shares()
-        .into_iter()
-        .filter_map(|(i, n)| settings.gateways.get(i).map(|a| (*a, n)))
-        .collect()
 }
