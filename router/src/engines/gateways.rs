@@ -233,3 +233,47 @@ fn return_routing_settings(g: &Gateways) -> grm::ReturnRoutingSettings {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateways(yaml: &str) -> Gateways {
+        let loaded = crate::config::load_str(std::path::Path::new("t.yaml"), yaml).unwrap();
+        loaded.config.gateways.unwrap()
+    }
+
+    #[test]
+    fn consistent_mode_maps_to_return_routing_bucket_marking() {
+        let g = gateways(
+            "gateways:\n  interface: gw0\n  addresses: 192.168.25.128-192.168.25.131\n  egress:\n    mode: consistent\n    exclude: [10.0.0.0/8]\n    hash_seed: 7\n",
+        );
+        let rr = return_routing_settings(&g);
+        assert_eq!(rr.gateways.len(), 4);
+        assert_eq!(rr.ingress_vips[3].to_string(), "192.168.26.131");
+        assert_eq!(
+            (rr.mark_base, rr.table_base, rr.rule_priority_base),
+            (0x1900, 50, 1000)
+        );
+        assert_eq!(rr.foreign_tables, vec![180]);
+        let c = rr.consistent.clone().expect("consistent settings");
+        assert_eq!((c.buckets, c.hash_seed), (4093, 7));
+        assert!(c.exclude.contains(&"10.0.0.0/8".parse().unwrap()));
+        assert!(
+            c.exclude.contains(&"192.168.0.0/16".parse().unwrap()),
+            "exclude_reserved defaults to true"
+        );
+        assert_eq!(
+            egress_settings(&g).mode,
+            grm::egress::EgressMode::Consistent
+        );
+        rr.validate().unwrap();
+    }
+
+    #[test]
+    fn multipath_modes_get_return_routing_without_buckets() {
+        let g = gateways("gateways:\n  interface: gw0\n  addresses: [192.168.25.128]\n");
+        assert!(return_routing_settings(&g).consistent.is_none());
+        assert_eq!(egress_settings(&g).mode, grm::egress::EgressMode::Ecmp);
+    }
+}
