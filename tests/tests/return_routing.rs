@@ -62,11 +62,9 @@ fn holds_ingress_vips(lab: &Lab) -> bool {
     (0..GATEWAYS).all(|i| addrs.contains(&format!("inet {}/", topo::ingress_vip(i))))
 }
 
-/// An echo service on the router on every address (the ingress VIPs included), port 6666.
-fn start_service(lab: &Lab) {
-    let listener = lab
-        .router(0)
-        .ns
+/// An echo service on every address of `ns` (the ingress VIPs included), port 6666.
+fn start_service(ns: &lab::netns::Netns) {
+    let listener = ns
         .run_in(|| TcpListener::bind(("0.0.0.0", topo::INGRESS_PORT)))
         .unwrap()
         .unwrap();
@@ -162,8 +160,7 @@ fn reply_route(lab: &Lab, vip: Ipv4Addr, peer: SocketAddr, mark: u32) -> String 
         .unwrap_or_else(|e| format!("error: {e}"))
 }
 
-#[test]
-fn replies_leave_through_the_gateway_they_came_in_by() {
+fn lab(mode: &str) -> Lab {
     let lab = Lab::builder()
         .lab_bin(LAB_BIN)
         .gateways(GATEWAYS)
@@ -172,7 +169,7 @@ fn replies_leave_through_the_gateway_they_came_in_by() {
         .ingress_pods(0)
         .dns(false)
         .tuning(RouterTuning {
-            egress_mode: "ecmp".into(),
+            egress_mode: mode.into(),
             checks: vec!["vpn_status".into(), "public_ip".into()],
             log_level: "debug".into(),
             ..RouterTuning::default()
@@ -187,7 +184,13 @@ fn replies_leave_through_the_gateway_they_came_in_by() {
     wait_for(&lab, "return routing in force for 8 gateways", |l| {
         in_force(l) == GATEWAYS
     });
-    start_service(&lab);
+    lab
+}
+
+#[test]
+fn replies_leave_through_the_gateway_they_came_in_by() {
+    let lab = lab("ecmp");
+    start_service(&lab.router(0).ns);
 
     let captures: Vec<_> = lab
         .gateways()
@@ -275,4 +278,80 @@ fn replies_leave_through_the_gateway_they_came_in_by() {
         conns.len()
     );
     assert_eq!(kept, conns.len());
+}
+
+/// Forwarded replies (the IPVS path: the service runs behind the router) in
+/// `egress.mode: consistent`: the ingress ct-mark rule must win over the per-packet bucket
+/// hashing, or most replies would leave through another gateway. The router DNATs the ingress
+/// VIPs to a client pod with conntrack, as IPVS does with `net.ipv4.vs.conntrack=1`; the host
+/// kernel has no IPVS.
+#[test]
+fn forwarded_replies_keep_their_gateway_in_consistent_mode() {
+    let lab = lab("consistent");
+    wait_for(&lab, "the bucket map", |l| {
+        l.router(0).status().ok().and_then(|s| {
+            s["components"]["gateways"]["detail"]["return_routing"]["consistent"]["unassigned"]
+                .as_u64()
+        }) == Some(0)
+    });
+    let pod = topo::client(0);
+    lab.router(0)
+        .ns
+        .nft(&format!(
+            "table ip rrtest {{\n  chain pre {{\n    type nat hook prerouting priority -100;\n    \
+             ip daddr {}-{} tcp dport {} dnat to {pod}:{}\n  }}\n}}\n",
+            topo::ingress_vip(0),
+            topo::ingress_vip(GATEWAYS - 1),
+            topo::INGRESS_PORT,
+            topo::INGRESS_PORT
+        ))
+        .unwrap();
+    start_service(&lab.client(0).ns);
+    let captures: Vec<_> = lab
+        .gateways()
+        .iter()
+        .map(|g| lab.capture(&g.ns, "gw0", "tcp src port 6666").unwrap())
+        .collect();
+    let mut conns = connect_all(&lab);
+    let answered = conns
+        .iter_mut()
+        .map(|c| {
+            let g = c.gateway;
+            c.echo(&format!("hello through {g}"))
+        })
+        .filter(|ok| *ok)
+        .count();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut on_wire = Vec::new();
+    for (i, cap) in captures.into_iter().enumerate() {
+        let file = cap.file.clone();
+        let total = cap.stop_and_count("").unwrap();
+        // The router's NAT has put the VIP back as the source: a reply on gateway i's wire
+        // from another gateway's VIP would have been routed by the bucket hash.
+        let own = count_in(&file, &format!("src host {}", topo::ingress_vip(i)));
+        on_wire.push((i, total, own));
+    }
+    eprintln!(
+        "consistent mode, forwarded replies per gateway (index, packets, from its own VIP): {on_wire:?}"
+    );
+    assert_eq!(
+        answered,
+        GATEWAYS * PER_GATEWAY,
+        "every forwarded connection gets its echo back\n{}",
+        logs(&lab)
+    );
+    for (i, total, own) in &on_wire {
+        assert!(*total > 0, "gateway {i} carried no reply");
+        assert_eq!(
+            total, own,
+            "gateway {i} carried replies of another gateway's VIP"
+        );
+    }
+    // Client egress is still hashed: the pod's own flows spread over the gateways.
+    let flows = lab
+        .client(0)
+        .open_flows(32, Duration::from_secs(3))
+        .unwrap();
+    assert_eq!(flows.flows.len(), 32);
+    assert!(flows.by_exit().len() > 1, "{:?}", flows.by_exit());
 }
