@@ -619,12 +619,12 @@ fn decoder_survives_random_and_mutated_bytes() {
     let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
     let seeds = seeds();
     let mut decoded_ok = 0usize;
-    for round in 0..200_000 {
-        let (cmd, bytes) = if round % 4 == 0 {
+    for round in 0..200_000u32 {
+        let (cmd, bytes) = if round.is_multiple_of(4) {
             // Pure noise, occasionally with a plausible netlink or genl header in front.
             let len = rng.below(300);
             let mut b: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-            if round % 8 == 0 && b.len() >= 20 {
+            if round.is_multiple_of(8) && b.len() >= 20 {
                 let l = (b.len() as u32).to_le_bytes();
                 b[..4].copy_from_slice(&l);
                 b[4] = 0x23;

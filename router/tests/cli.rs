@@ -225,7 +225,36 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (code, body.to_owned())
 }
 
-/// No gateways/ingress section: the daemon needs no sysctl, so it can run on the host.
+/// Moves the calling test thread, and every process it starts from now on, into a fresh
+/// network namespace with `lo` up and a veth `vpn-r-veth0`: the daemon's VRRP runs there
+/// for real without touching the host. The namespace goes when the returned guard drops.
+fn enter_netns(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).unwrap();
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    for args in [
+        &[
+            "link",
+            "add",
+            "vpn-r-veth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vpn-r-peer",
+        ][..],
+        &["link", "set", "vpn-r-peer", "up"],
+        &["link", "set", "vpn-r-veth0", "up"],
+        &["addr", "add", "192.168.28.2/24", "dev", "vpn-r-veth0"],
+    ] {
+        let ok = Command::new("ip").args(args).status().unwrap();
+        assert!(ok.success(), "ip {args:?} failed");
+    }
+    ns
+}
+
+/// No gateways/ingress section: the daemon needs no sysctl. VRRP runs on `vpn-r-veth0`
+/// (see `enter_netns`).
 fn vrrp_only_config(api: SocketAddr, vrid: u8) -> String {
     format!(
         "api: {{ listen: {api} }}\nlog: {{ level: info }}\nvrrp:\n  - name: router\n    interface: vpn-r-veth0\n    vrid: {vrid}\n    virtual_ips: [192.168.26.254/22]\n"
@@ -234,14 +263,14 @@ fn vrrp_only_config(api: SocketAddr, vrid: u8) -> String {
 
 #[test]
 fn sighup_with_a_bad_file_keeps_the_running_config_and_counts_it() {
+    let _ns = enter_netns("r");
     let dir = Scratch::new("reload");
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cfg = dir.file("config.yaml", &vrrp_only_config(api, 51));
     let d = Daemon::start(&cfg, api, dir.0.join("daemon.log"));
     assert_eq!(d.get("/healthz"), (200, "ok\n".into()));
-    let vrid = |s: &serde_json::Value| {
-        s["components"]["vrrp"]["detail"]["configured"]["instances"][0]["vrid"].as_u64()
-    };
+    let vrid =
+        |s: &serde_json::Value| s["components"]["vrrp"]["detail"]["instances"][0]["vrid"].as_u64();
     assert_eq!(vrid(&d.status_json()), Some(51));
 
     // A broken file: rejected, counted, running config untouched.
@@ -271,8 +300,9 @@ fn sighup_with_a_bad_file_keeps_the_running_config_and_counts_it() {
     // A good file: applied.
     std::fs::write(&cfg, vrrp_only_config(api, 52)).unwrap();
     d.signal("HUP");
-    let s = d.wait_status("a successful reload", |s| s["daemon"]["reloads_ok"] == 1);
-    assert_eq!(vrid(&s), Some(52));
+    let s = d.wait_status("a successful reload", |s| {
+        s["daemon"]["reloads_ok"] == 1 && vrid(s) == Some(52)
+    });
     assert!(s["daemon"]["last_reload_error"].is_null());
     let log = d.log_text();
     assert!(
@@ -284,6 +314,7 @@ fn sighup_with_a_bad_file_keeps_the_running_config_and_counts_it() {
 
 #[test]
 fn sigterm_stops_the_daemon_promptly_and_cleanly() {
+    let _ns = enter_netns("t");
     let dir = Scratch::new("term");
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let cfg = dir.file("config.yaml", &vrrp_only_config(api, 51));
@@ -301,13 +332,35 @@ fn sigterm_stops_the_daemon_promptly_and_cleanly() {
 
 #[test]
 fn readyz_and_status_cover_configured_components() {
+    let _ns = enter_netns("y");
     let dir = Scratch::new("ready");
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let cfg = dir.file("config.yaml", &vrrp_only_config(api, 51));
+    // Two instances: one on the veth (runs), one on an interface that does not exist.
+    let text = format!(
+        "{}  - name: broken\n    interface: vpn-missing0\n    vrid: 52\n    virtual_ips: [192.168.26.253/22]\n",
+        vrrp_only_config(api, 51)
+    );
+    let cfg = dir.file("config.yaml", &text);
     let d = Daemon::start(&cfg, api, dir.0.join("daemon.log"));
-    let s = d.status_json();
-    assert_eq!(s["components"]["vrrp"]["state"], "not_built");
-    assert_eq!(d.get("/readyz").0, 200);
+    let s = d.wait_status("both instances on the board", |s| {
+        s["components"]["vrrp"]["detail"]["instances"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2 && a.iter().any(|i| !i["setup_error"].is_null()))
+    });
+    assert_eq!(s["components"]["vrrp"]["state"], "degraded", "{s}");
+    let broken = &s["components"]["vrrp"]["detail"]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "broken")
+        .unwrap()["setup_error"];
+    assert!(broken.to_string().contains("vpn-missing0"), "{broken}");
+    assert_eq!(
+        d.get("/readyz").0,
+        503,
+        "an instance that cannot start is not ready"
+    );
+    assert_eq!(d.get("/healthz").0, 200, "alive all the same");
     assert_eq!(d.get("/nope").0, 404);
     // `vpn-router status` renders the same for a human.
     let out = Command::new(BIN)
@@ -321,9 +374,17 @@ fn readyz_and_status_cover_configured_components() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("vrrp") && text.contains("not built") && text.contains("ready: yes"),
+        text.contains("vrrp") && text.contains("degraded") && text.contains("ready: no"),
         "{text}"
     );
+
+    // Without the broken instance the daemon gets ready.
+    std::fs::write(&cfg, vrrp_only_config(api, 51)).unwrap();
+    d.signal("HUP");
+    d.wait_status("ready after the reload", |s| {
+        s["components"]["vrrp"]["state"] == "running" && s["ready"] == true
+    });
+    assert_eq!(d.get("/readyz").0, 200);
 }
 
 #[test]
@@ -583,5 +644,6 @@ fn daemon_in_a_netns_sets_its_sysctls_and_never_shows_secrets() {
         assert!(!body.contains(secret), "secret in /status: {body}");
         assert!(!log.contains(secret), "secret in the log: {log}");
     }
-    assert!(body.contains("<redacted>"), "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["components"]["ddns"]["state"], "running", "{body}");
 }

@@ -40,7 +40,7 @@ fn is_prime(n: u32) -> bool {
     let n = u64::from(n);
     let mut d = 2u64;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;

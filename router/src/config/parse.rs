@@ -291,7 +291,7 @@ fn advert_interval_ok(
     let shown = humantime::format_duration(d);
     match version {
         VrrpVersion::V3 => {
-            if ms % 10 != 0 || d.subsec_nanos() % 1_000_000 != 0 {
+            if !ms.is_multiple_of(10) || !d.subsec_nanos().is_multiple_of(1_000_000) {
                 r.error(n.at, format!("{p}: {shown} is not a multiple of 10ms; expected a VRRPv3 interval in 10ms steps (10ms-40.95s)"));
                 None
             } else if !(10..=40_950).contains(&ms) {
