@@ -142,6 +142,7 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     ("gateway_ingress_vips without gateways", "ingress:\n  virtual_servers:\n    - { name: a, port: 80, real_servers: [10.2.0.1] }\n", &["3:7: ingress.virtual_servers[0].addresses: gateway_ingress_vips needs a `gateways` section"]),
     ("two ddns providers", "gateways: { interface: eth1, addresses: 192.168.25.128 }\nddns:\n  hostname: vpn.example.com\n  provider: { dynu: {}, cloudflare: {} }\n", &["4:13: ddns.provider: 2 providers set; expected exactly one"]),
     ("hostname outside zone", "gateways: { interface: eth1, addresses: 192.168.25.128 }\nddns:\n  hostname: vpn.example.org\n  provider:\n    rfc2136: { server: 127.0.0.1:53, zone: example.com, key_name: k, key_secret: \"${VPN_ROUTER_TEST_TSIG}\" }\n", &["3:13: ddns.hostname: vpn.example.org is not inside zone example.com"]),
+    ("bucket marks overflow", "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  egress: { mode: consistent }\n  return_routing: { mark_base: 0xffffff00 }\n", &["5:32: gateways.return_routing.mark_base: 0xffffff00 leaves no room for the 4093 bucket marks of egress.mode consistent above mark_base+256; expected at most 0xffffef03"]),
     ("yaml syntax error", "vrrp: [\n  {name: r\n", &["invalid YAML"]),
     ("wrong type", "api: 9090\n", &["1:6: api: found an integer; expected a mapping"]),
 ];

@@ -162,6 +162,14 @@ fn gateways(r: &mut Reader, c: &Config, g: &Gateways) {
     if last_return_rule >= e.rule_priority.value.saturating_sub(1) {
         r.error(rr.rule_priority_base.at, format!("gateways.return_routing.rule_priority_base: rules {}-{last_return_rule} are not ahead of the egress rules at {} (which use {} for exclusions); expected a lower base", rr.rule_priority_base.value, e.rule_priority.value, e.rule_priority.value.saturating_sub(1)));
     }
+    if e.mode == EgressMode::Consistent {
+        // The bucket hash lands in scratch marks mark_base+256 .. mark_base+256+buckets
+        // - 1 before the bucket map turns it into a gateway's mark.
+        let buckets = gateway_route_manager::consistent::table_size(n as usize);
+        if rr.mark_base.value.checked_add(256 + buckets - 1).is_none() {
+            r.error(rr.mark_base.at, format!("gateways.return_routing.mark_base: {:#x} leaves no room for the {buckets} bucket marks of egress.mode consistent above mark_base+256; expected at most {:#x}", rr.mark_base.value, u32::MAX - 256 - buckets + 1));
+        }
+    }
     if e.destinations.is_empty() {
         r.warn(
             e.table.at,
