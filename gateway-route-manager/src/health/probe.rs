@@ -2,7 +2,7 @@
 //!
 //! Owns: the marked socket. The socket gets `SO_MARK = mark` so the policy rule
 //! `fwmark mark lookup table` (table holds `default via <gateway>`) routes the SYN through that
-//! gateway and nowhere else; see `egress::ProbeRouting` for who installs that rule and table.
+//! gateway and nowhere else; the per-gateway rule and table are return routing's (`return_routing`).
 //! It must not choose the mark or the target, and sends nothing but one TCP handshake.
 //!
 //! A connection *refused* by the target counts as a failure: the target is expected to listen
