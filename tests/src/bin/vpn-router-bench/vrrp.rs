@@ -54,6 +54,9 @@ pub struct Args {
 struct Measured {
     cut: Vec<Outage>,
     term: Vec<Outage>,
+    /// Trials before which the VIP did not answer within 3 s although only router 0 held it.
+    dark_before_cut: usize,
+    dark_before_term: usize,
     /// (process, CPU % of a core, RSS kB)
     idle: Vec<(String, Option<f64>, Option<u64>)>,
 }
@@ -289,6 +292,16 @@ fn wait_r0_master(lab: &Lab, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// True when the client gets an answer from the VIP within `within` (one ping a second).
+fn vip_answers(lab: &Lab, within: Duration) -> bool {
+    let c = lab.client(0);
+    let vip = topo::EGRESS_VIP.to_string();
+    wait_until(within, || {
+        c.exec("ping", &["-n", "-q", "-c", "1", "-W", "1", &vip])
+            .is_ok()
+    })
+}
+
 fn ping(lab: &Lab, a: &Args, action: impl FnOnce()) -> anyhow::Result<Outage> {
     ping_during(
         &lab.client(0).ns,
@@ -314,6 +327,10 @@ fn measure(lab: &Lab, a: &Args, v: &mut dyn Vrrp) -> anyhow::Result<Option<Measu
     let mut m = Measured::default();
     for t in 0..a.trials {
         let r0 = lab.router(0);
+        if !vip_answers(lab, Duration::from_secs(3)) {
+            m.dark_before_cut += 1;
+            eprintln!("[vrrp] {name} link cut {}/{}: the VIP does not answer although only router 0 holds it", t + 1, a.trials);
+        }
         let o = ping(lab, a, || {
             let _ = r0.cut_link(RouterLink::Gateway);
             let _ = r0.cut_link(RouterLink::Vrrp);
@@ -332,6 +349,10 @@ fn measure(lab: &Lab, a: &Args, v: &mut dyn Vrrp) -> anyhow::Result<Option<Measu
         wait_r0_master(lab, name)?;
     }
     for t in 0..a.trials {
+        if !vip_answers(lab, Duration::from_secs(3)) {
+            m.dark_before_term += 1;
+            eprintln!("[vrrp] {name} SIGTERM {}/{}: the VIP does not answer although only router 0 holds it", t + 1, a.trials);
+        }
         let pid = v.main_pid(0);
         if pid.is_none() {
             bail!("{name}: no process to send SIGTERM to on router 0");
@@ -446,6 +467,16 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             }
             None => {
                 println!("{name}: not built (no router took the VIP within 4 s of starting: VRRP is not wired into the daemon)");
+            }
+        }
+    }
+    for (name, m) in &results {
+        if let Some(m) = m {
+            if m.dark_before_cut + m.dark_before_term > 0 {
+                println!(
+                    "{name}: the VIP did not answer for 3 s before {} of {} link-cut trials and {} of {} SIGTERM trials, although only router 0 held it (the outage below then starts before the action)",
+                    m.dark_before_cut, a.trials, m.dark_before_term, a.trials
+                );
             }
         }
     }
