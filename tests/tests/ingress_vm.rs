@@ -831,6 +831,18 @@ fn ingress_path_through_gateways_with_ipvs() {
     // 6. Router failover: the master's pod dies; the backup takes the VIPs and serves new
     // connections; connections opened through the old master continue on the same pod (same
     // maglev table on both routers, sloppy_tcp adopts them mid-stream).
+    // Both routers must see the same servers up first: each checks on its own, so right
+    // after a restore one may still have a server at weight 0 that the other has at 1, and
+    // the two maglev tables then differ for that server's flows (seen: 3 of 12 reset).
+    wait_for(
+        "both routers to see every pod up in both virtual servers",
+        &lab,
+        || {
+            (0..2)
+                .all(|k| all_up(k, "port-1") == Some(true) && all_up(k, "hold") == Some(true))
+                .then_some(())
+        },
+    );
     let mut held = open_held_all(&lab, &inet, 4);
     let t_kill = Instant::now();
     lab.router(0).kill_pod().unwrap();
