@@ -39,18 +39,8 @@ test_bin=$(executable_for "$repo/tests/tests/ingress_vm.rs" <<<"$json")
 [[ -x "$repo/target/debug/vpn-router-lab" && -x "$repo/target/debug/vpn-router" ]] ||
     die "target/debug/vpn-router or vpn-router-lab missing after the build"
 
-# The guest's devtmpfs has no /dev/fd, /dev/stdin... links (udev makes them on a real system);
-# `nft -f /dev/stdin` (the nftables crate) needs them.
-# shellcheck disable=SC2016 # expanded by the guest's shell
-guest='
-[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
-[ -e /dev/stdin ] || ln -s /proc/self/fd/0 /dev/stdin
-[ -e /dev/stdout ] || ln -s /proc/self/fd/1 /dev/stdout
-[ -e /dev/stderr ] || ln -s /proc/self/fd/2 /dev/stderr
-exec "$@"
-'
 cd "$repo/tests"
 exec "$here/run.sh" --timeout "$timeout" --mem 1536 \
     --env RUST_BACKTRACE="${RUST_BACKTRACE:-1}" \
     --env VPN_ROUTER_LAB_BIN="$repo/target/debug/vpn-router-lab" -- \
-    sh -c "$guest" sh "$test_bin" --ignored --test-threads=1 --nocapture "$@"
+    "$test_bin" --ignored --test-threads=1 --nocapture "$@"
