@@ -612,10 +612,17 @@ async fn cloudflare_replaces_paginated_set_in_one_batch_and_leaves_other_records
 async fn cloudflare_429_waits_for_retry_after() {
     let (cf, p) = cf_server(|cf| cf.throttle = 1).await;
     let e = start(settings(p), healthy(&["203.0.113.10"]));
-    wait_until("cloudflare holds the set", Duration::from_secs(5), || {
-        cf.lock().unwrap().ours("A") == ["203.0.113.10"]
-    })
+    // Written and read back: the engine counts the update only after the read-back.
+    wait_until(
+        "the update is done and the error cleared",
+        Duration::from_secs(5),
+        || {
+            e.metrics.updates_count("cloudflare", "written") == 1
+                && e.metrics.current_error().is_none()
+        },
+    )
     .await;
+    assert_eq!(cf.lock().unwrap().ours("A"), ["203.0.113.10"]);
     assert_eq!(e.metrics.updates_count("cloudflare", "failed"), 1);
     let s = cf.lock().unwrap();
     let gap = s.request_times[1] - s.request_times[0];
