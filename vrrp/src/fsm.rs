@@ -232,7 +232,13 @@ pub struct Fsm {
     successor_heard: bool,
     stopped: bool,
     master_addr: Option<IpAddr>,
+    /// When we last re-announced our addresses because another master was heard.
+    last_reclaim: Option<Duration>,
 }
+
+/// At most one re-announcement per this long when lower-priority masters are heard (a peer
+/// that never hears us would otherwise make us announce at its advert rate).
+const RECLAIM_HOLDOFF: Duration = Duration::from_secs(1);
 
 impl Fsm {
     /// A new instance in Initialize. Until a `TrackChanged` arrives, tracking counts as
@@ -249,6 +255,7 @@ impl Fsm {
             successor_heard: false,
             stopped: false,
             master_addr: None,
+            last_reclaim: None,
         };
         fsm.effective_priority = fsm.compute_priority();
         fsm
@@ -529,6 +536,18 @@ impl Fsm {
                 } else {
                     // RFC 9568 §6.4.3: a lower priority (or a lower address at equal
                     // priority) is discarded; our next advert makes that router back off.
+                    // But a second master means a partition just healed (or that router
+                    // missed our adverts): it announced the VIPs, so the switch now sends
+                    // the VMAC's frames to it. Our adverts do not move them back (they are
+                    // sent from the interface's own MAC), so announce again, as keepalived
+                    // does on a lower-priority advert.
+                    if self
+                        .last_reclaim
+                        .is_none_or(|at| now >= at + RECLAIM_HOLDOFF)
+                    {
+                        self.last_reclaim = Some(now);
+                        out.push(Action::SendGratuitous);
+                    }
                     return;
                 };
                 out.push(Action::CancelTimers);
