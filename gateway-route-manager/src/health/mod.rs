@@ -505,8 +505,21 @@ async fn check_round(
         timed(CheckKind::Probe)(started.elapsed());
         Some(r)
     };
-    let (vpn_status, public_ip, health_server, probe) =
-        tokio::join!(vpn_status, public_ip, health_server, probe);
+    // When the control server already reports a failure, the round does not wait for the
+    // probe: a broken tunnel makes it run into its timeout, which only delayed the removal
+    // of a gateway known to be broken. API failures are reported in a fixed order, so the
+    // reason does not depend on which answer came first.
+    let api = async { tokio::join!(vpn_status, public_ip, health_server) };
+    tokio::pin!(api, probe);
+    let ((vpn_status, public_ip, health_server), probe) = tokio::select! {
+        a = &mut api => {
+            let failed = matches!(a.0, Some(Err(_)))
+                || matches!(a.1, Some(Err(_)))
+                || matches!(a.2, Some(Err(_)));
+            if failed { (a, None) } else { (a, probe.await) }
+        }
+        p = &mut probe => (api.await, p),
+    };
 
     let mut failures: Vec<CheckError> = Vec::new();
     if let Some(Err(e)) = vpn_status {
