@@ -236,9 +236,10 @@ pub struct Fsm {
     last_reclaim: Option<Duration>,
 }
 
-/// At most one re-announcement per this long when lower-priority masters are heard (a peer
-/// that never hears us would otherwise make us announce at its advert rate).
-const RECLAIM_HOLDOFF: Duration = Duration::from_secs(1);
+/// Re-announcements when lower-priority masters are heard are at least this far apart, and at
+/// least two advert intervals: one per episode (the other router backs off within an interval
+/// of hearing us), not one per advert of a peer that never hears us.
+const RECLAIM_HOLDOFF_MIN: Duration = Duration::from_millis(100);
 
 impl Fsm {
     /// A new instance in Initialize. Until a `TrackChanged` arrives, tracking counts as
@@ -541,10 +542,8 @@ impl Fsm {
                     // the VMAC's frames to it. Our adverts do not move them back (they are
                     // sent from the interface's own MAC), so announce again, as keepalived
                     // does on a lower-priority advert.
-                    if self
-                        .last_reclaim
-                        .is_none_or(|at| now >= at + RECLAIM_HOLDOFF)
-                    {
+                    let holdoff = (self.config.advert_interval * 2).max(RECLAIM_HOLDOFF_MIN);
+                    if self.last_reclaim.is_none_or(|at| now >= at + holdoff) {
                         self.last_reclaim = Some(now);
                         out.push(Action::SendGratuitous);
                     }
