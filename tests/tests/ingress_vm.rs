@@ -973,5 +973,40 @@ fn ingress_path_through_gateways_with_ipvs() {
     // 9 services (3 VIPs × tcp/udp port-1, 3 hold): 9 deletes when pod 0 left; coming back,
     // pods 1-3 (sorting after it) are re-inserted: 27 deletes and 36 adds.
     assert_eq!((re_deleted, re_added), (9 + 27, 36));
+    drop(held);
+
+    // 9. The whole `ingress` section removed: the services it built go with it.
+    r1.rewrite_config(without_ingress).unwrap();
+    r1.sighup();
+    let (_, t_gone) = wait_for("no IPVS service left after removing ingress", &lab, || {
+        let t = r1.ns.exec("ipvsadm", &["-Ln"]).ok()?;
+        (!t.lines()
+            .any(|l| l.starts_with("TCP") || l.starts_with("UDP")))
+        .then_some(())
+    });
+    println!(
+        "RESULT ingress_removed services_gone_after_s={:.2}",
+        t_gone.as_secs_f64()
+    );
     drop(resolvers);
+}
+
+/// The config without its top-level `ingress:` section.
+fn without_ingress(yaml: &str) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in yaml.lines() {
+        if line.starts_with("ingress:") {
+            skipping = true;
+            continue;
+        }
+        if skipping && !line.is_empty() && !line.starts_with([' ', '#']) {
+            skipping = false;
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }

@@ -59,6 +59,10 @@ pub struct Engines {
     ddns: Option<Running>,
     ddns_metrics: grm::ddns::DdnsMetrics,
     ingress: Option<Running>,
+    /// What the running ingress engine owns, for the cleanup when the section is removed.
+    ingress_owned: Option<std::collections::BTreeSet<std::net::IpAddr>>,
+    /// One-shot cleanups (ingress withdrawn), awaited at shutdown.
+    cleanups: Vec<JoinHandle<()>>,
     ingress_metrics: crate::ingress::IngressMetrics,
     /// Parent of every engine's token: cancelled once, at shutdown.
     root: CancellationToken,
@@ -109,6 +113,8 @@ impl Engines {
             ddns: None,
             ddns_metrics,
             ingress: None,
+            ingress_owned: None,
+            cleanups: Vec::new(),
             ingress_metrics,
             root: CancellationToken::new(),
         }
@@ -159,15 +165,30 @@ impl Engines {
                 .collect();
             serde_json::json!({ "ingress": i, "gateway_ingress_vips": vips, "vrrp_vips": vrrp_vips })
         });
-        let (shared, metrics) = (&self.shared, &self.ingress_metrics);
+        let (shared, metrics, owned_before) =
+            (&self.shared, &self.ingress_metrics, &self.ingress_owned);
         reconcile(
             &mut self.ingress,
             &self.shared.board,
             &self.root,
             "ingress",
             section,
-            |cancel| ingress::start(config, shared, metrics, cancel),
+            |cancel| ingress::start(config, owned_before.as_ref(), shared, metrics, cancel),
         );
+        // A removed section stops the engine; the services it built go with it. (A daemon
+        // started without `ingress` never touches IPVS: it cannot know what was ours.)
+        if config.ingress.is_none() {
+            if let Some(was) = self.ingress_owned.take() {
+                self.cleanups.retain(|t| !t.is_finished());
+                self.cleanups.push(tokio::spawn(crate::ingress::withdraw(
+                    was,
+                    self.ingress_metrics.clone(),
+                    self.root.child_token(),
+                )));
+            }
+        } else if let Some(now) = ingress::owned(config) {
+            self.ingress_owned = Some(now);
+        }
 
         let c = config;
         let (shared, metrics) = (&self.shared, &self.ddns_metrics);
@@ -198,6 +219,7 @@ impl Engines {
                 tasks.append(&mut r.tasks);
             }
         }
+        tasks.append(&mut self.cleanups);
         tasks.append(&mut self.vrrp.take_tasks());
         let all = futures::future::join_all(tasks);
         if tokio::time::timeout(grace, all).await.is_err() {

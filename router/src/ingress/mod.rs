@@ -12,4 +12,4 @@ pub mod run;
 
 pub use desired::{plan, weights, IngressPlan, PlanError, RealServerId};
 pub use metrics::IngressMetrics;
-pub use run::{start, EngineSettings};
+pub use run::{start, withdraw, EngineSettings};

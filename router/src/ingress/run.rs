@@ -206,6 +206,49 @@ struct LastPass {
     errors: Vec<String>,
 }
 
+/// Deletes every IPVS service on the `owned` addresses, once: the `ingress` section was
+/// removed from the config, and the services it built must not outlive it. Services on other
+/// addresses are not touched.
+pub async fn withdraw(owned: BTreeSet<IpAddr>, metrics: IngressMetrics, cancel: CancellationToken) {
+    let client = tokio::select! {
+        _ = cancel.cancelled() => return,
+        c = IpvsClient::connect() => match c {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "ingress removed from the config, but IPVS cannot be opened to delete its services");
+                return;
+            }
+        },
+    };
+    let reconciler = Reconciler::new(client, move |k: &ServiceKey| match k {
+        ServiceKey::Addr { addr, .. } => owned.contains(&addr.ip()),
+        ServiceKey::Fwmark { .. } => false,
+    })
+    .with_metrics(metrics.ipvs.clone());
+    let pass = tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = reconciler.reconcile(&[]) => r,
+    };
+    match pass {
+        Ok(o) if o.errors.is_empty() => {
+            tracing::info!(
+                writes = o.ops.len(),
+                "ingress removed from the config: its IPVS services are deleted"
+            )
+        }
+        Ok(o) => tracing::error!(
+            writes = o.ops.len(),
+            failed = o.errors.len(),
+            first = %o.errors[0].error,
+            "ingress removed from the config: some of its IPVS services could not be deleted"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "ingress removed from the config: cannot read IPVS to delete its services")
+        }
+    }
+    metrics.clear();
+}
+
 async fn reconcile_loop(
     plan: Arc<IngressPlan>,
     mut health: watch::Receiver<HealthMap>,
