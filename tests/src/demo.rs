@@ -734,7 +734,7 @@ pub fn tour(lab: &Lab, start_routers: bool) -> Result<TourSummary, LabError> {
         println!(
             "  this kernel has no IPVS (/proc/net/ip_vs is missing; modprobe ip_vs: {modprobe})"
         );
-        println!("  the ingress scene needs IPVS: it runs in the VM harness (tests/vm, issue 4), not here");
+        println!("  the ingress path needs IPVS: `bash tests/vm/test-ingress.sh` runs this lab with the real daemon inside a VM whose kernel has it (make test does)");
     } else {
         let g = lab.gateway(0);
         let url = format!(
@@ -753,7 +753,7 @@ pub fn tour(lab: &Lab, start_routers: bool) -> Result<TourSummary, LabError> {
                 sum.ingress_answer = Some(r.body);
             }
             Err(e) => println!(
-                "  GET {url} failed: {e}\n  ingress virtual servers: issue 9, return routing: issue 7"
+                "  GET {url} failed: {e}\n  (ingress: the `ingress` entry of the routers' /status says why)"
             ),
         }
     }

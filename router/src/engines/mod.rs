@@ -271,21 +271,3 @@ fn reconcile(
         }
     }
 }
-
-/// Lists a configured section whose engine this build does not have in /status, as
-/// `not_built` with the config it would run, so an operator sees exactly what is and is not
-/// in force. Does not hold readiness back.
-#[allow(dead_code)] // every section has an engine now; kept for the next one that does not
-fn not_built(board: &StatusBoard, name: &str, configured: Option<serde_json::Value>) {
-    match configured {
-        Some(detail) => board.set(
-            name,
-            ComponentStatus {
-                state: ComponentState::NotBuilt,
-                ready: false,
-                detail: serde_json::json!({ "configured": detail }),
-            },
-        ),
-        None => board.remove(name),
-    }
-}
