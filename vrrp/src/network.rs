@@ -82,9 +82,11 @@ pub struct Received {
 #[derive(Debug)]
 pub struct VrrpSocket {
     fd: AsyncFd<Socket>,
-    /// Receive-only socket on our VMAC when it sits on the advert interface, see
-    /// `add_vmac_receiver`.
+    /// Socket on our VMAC when it sits on the advert interface, see `add_vmac_receiver`.
+    /// IPv4 multicast adverts are also sent through it.
     vmac_rx: Option<AsyncFd<Socket>>,
+    /// The VMAC's ifindex while `vmac_rx` is set.
+    vmac_ifindex: u32,
     interface: String,
     ifindex: u32,
     family: Family,
@@ -258,6 +260,7 @@ impl VrrpSocket {
         Ok(VrrpSocket {
             fd,
             vmac_rx: None,
+            vmac_ifindex: 0,
             interface: iface.to_string(),
             ifindex: index,
             family: params.family,
@@ -266,12 +269,19 @@ impl VrrpSocket {
         })
     }
 
-    /// Also receives on our VMAC interface `vmac_if` (a macvlan on the advert interface).
+    /// Also receives on our VMAC interface `vmac_if` (a macvlan on the advert interface), and
+    /// sends IPv4 multicast adverts from it.
     ///
-    /// Needed for peers that send adverts from the VMAC, as keepalived does: the macvlan
-    /// driver treats a multicast frame whose *source* MAC is one of its own private-mode
-    /// macvlans' MAC as looped back and hands it to that macvlan only, so a socket bound to
-    /// the parent never sees it. Unicast frames are not affected.
+    /// Receiving: needed for peers that send adverts from the VMAC, as keepalived does (and we
+    /// do): the macvlan driver treats a multicast frame whose *source* MAC is one of its own
+    /// private-mode macvlans' MAC as looped back and hands it to that macvlan only, so a
+    /// socket bound to the parent never sees it. Unicast frames are not affected.
+    ///
+    /// Sending: RFC 5798 §7.3, the virtual router MAC is the source of the master's periodic
+    /// adverts, so that switches learn, with every advert, which port the VMAC is behind —
+    /// after a healed partition or a backup's brief false takeover the bridge follows the
+    /// master within one advert interval. IPv6 adverts stay on the parent: their source, the
+    /// parent's link-local address, does not belong to the macvlan.
     pub fn add_vmac_receiver(&mut self, vmac_if: &str) -> Result<(), NetworkError> {
         let index = ifindex(vmac_if)?;
         let domain = match self.family {
@@ -289,6 +299,15 @@ impl VrrpSocket {
             .map_err(sock_err(vmac_if, "SO_BINDTODEVICE"))?;
         match self.family {
             Family::V4 => {
+                socket
+                    .set_ttl_v4(u32::from(REQUIRED_TTL))
+                    .map_err(sock_err(vmac_if, "IP_TTL"))?;
+                socket
+                    .set_multicast_ttl_v4(u32::from(REQUIRED_TTL))
+                    .map_err(sock_err(vmac_if, "IP_MULTICAST_TTL"))?;
+                socket
+                    .set_multicast_loop_v4(false)
+                    .map_err(sock_err(vmac_if, "IP_MULTICAST_LOOP"))?;
                 socket
                     .set_multicast_all_v4(false)
                     .map_err(sock_err(vmac_if, "IP_MULTICAST_ALL"))?;
@@ -310,6 +329,7 @@ impl VrrpSocket {
             }
         }
         self.vmac_rx = Some(register(socket).map_err(sock_err(vmac_if, "register with tokio"))?);
+        self.vmac_ifindex = index;
         Ok(())
     }
 
@@ -327,25 +347,37 @@ impl VrrpSocket {
     /// is practically never full for one small advert every few ms; if it is, the send is
     /// retried a few times 1 ms apart, then reported (the next advert follows anyway).
     pub async fn send(&self, msg: &[u8], dst: IpAddr) -> Result<(), NetworkError> {
+        let (socket, ifindex, interface) = match (&self.vmac_rx, dst) {
+            (Some(vmac), IpAddr::V4(d)) if d.is_multicast() => {
+                (vmac.get_ref(), self.vmac_ifindex, "the VMAC")
+            }
+            _ => (self.fd.get_ref(), self.ifindex, self.interface.as_str()),
+        };
         let mut tries = 0;
         loop {
-            match self.send_now(self.fd.get_ref(), msg, dst) {
+            match self.send_now(socket, ifindex, msg, dst) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < SEND_RETRIES => {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
-                r => return r.map_err(sock_err(&self.interface, "sendmsg advert")),
+                r => return r.map_err(sock_err(interface, "sendmsg advert")),
             }
         }
     }
 
-    fn send_now(&self, socket: &Socket, msg: &[u8], dst: IpAddr) -> std::io::Result<()> {
+    fn send_now(
+        &self,
+        socket: &Socket,
+        ifindex: u32,
+        msg: &[u8],
+        dst: IpAddr,
+    ) -> std::io::Result<()> {
         let iov = [IoSlice::new(msg)];
         let raw = socket.as_raw_fd();
         let sent = match (self.source, dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 let info = libc::in_pktinfo {
-                    ipi_ifindex: self.ifindex as i32,
+                    ipi_ifindex: ifindex as i32,
                     ipi_spec_dst: libc::in_addr {
                         s_addr: u32::from(src).to_be(),
                     },
