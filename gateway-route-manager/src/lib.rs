@@ -22,6 +22,7 @@ pub mod health;
 pub mod metrics;
 mod netlink;
 pub mod return_routing;
+mod trigger;
 
 pub use egress::{EgressManager, EgressSettings};
 pub use error::{CheckError, FailureReason};

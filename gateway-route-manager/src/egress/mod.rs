@@ -19,8 +19,6 @@ pub use plan::{
 };
 pub use sysctl::{apply_sysctls, apply_sysctls_at, desired_sysctls, Sysctl};
 
-use std::time::Duration;
-
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -28,9 +26,7 @@ use crate::error::{EgressError, NetlinkError};
 use crate::health::HealthyGateways;
 use crate::metrics::Metrics;
 use crate::netlink::{describe_rule, RouteSocket};
-
-/// After a failed reconcile, try again this soon (not only at the next resync).
-const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+use crate::trigger::Trigger;
 
 /// What one reconcile did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -190,27 +186,11 @@ impl EgressManager {
                 changed = healthy.changed() => if changed.is_err() { return },
             }
         }
-        let period = self.settings.resync_interval;
-        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let retry = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(retry);
-        let mut retry_armed = true;
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                changed = healthy.changed() => if changed.is_err() { return },
-                _ = resync.tick() => {}
-                () = &mut retry, if retry_armed => {}
-            }
-            retry_armed = false;
-            let current = healthy.borrow_and_update().clone();
+        let mut trigger = Trigger::new(self.settings.resync_interval);
+        while let Some(current) = trigger.next(&mut healthy, &cancel).await {
             if let Err(e) = self.reconcile(&current).await {
                 tracing::warn!(error = %e, "egress: reconcile failed; retrying");
-                retry
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + RETRY_AFTER_ERROR);
-                retry_armed = true;
+                trigger.failed();
             }
         }
     }

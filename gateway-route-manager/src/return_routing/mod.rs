@@ -38,8 +38,7 @@ use crate::egress::{diff, Change, KernelState};
 use crate::error::NetlinkError;
 use crate::health::HealthyGateways;
 use crate::netlink::{describe_rule, RouteSocket};
-
-const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+use crate::trigger::Trigger;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ObjectLabels {
@@ -437,28 +436,12 @@ impl ReturnRoutingManager {
         mut healthy: watch::Receiver<HealthyGateways>,
         cancel: CancellationToken,
     ) {
-        let period = self.settings.resync_interval;
-        let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let retry = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(retry);
-        let mut retry_armed = true;
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                changed = healthy.changed() => if changed.is_err() { return },
-                _ = resync.tick() => {}
-                () = &mut retry, if retry_armed => {}
-            }
-            retry_armed = false;
-            let current = healthy.borrow_and_update().clone();
+        let mut trigger = Trigger::new(self.settings.resync_interval);
+        while let Some(current) = trigger.next(&mut healthy, &cancel).await {
             if let Err(e) = self.reconcile(&current).await {
                 self.metrics.errors.inc();
                 tracing::warn!(error = %e, "return routing: reconcile failed; retrying");
-                retry
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + RETRY_AFTER_ERROR);
-                retry_armed = true;
+                trigger.failed();
             }
         }
     }
