@@ -177,6 +177,71 @@ fn is_link_local(a: &Ipv6Addr) -> bool {
     (a.segments()[0] & 0xffc0) == 0xfe80
 }
 
+/// A raw IP protocol 112 socket bound to `iface` (ifindex `index`): non-blocking, TTL / hop
+/// limit 255 on everything it sends, multicast loop off, only the groups it joins itself, IPv6
+/// receive metadata on; joined to 224.0.0.18 / ff02::12 when `join`.
+fn raw_socket(iface: &str, index: u32, family: Family, join: bool) -> Result<Socket, NetworkError> {
+    let domain = match family {
+        Family::V4 => Domain::IPV4,
+        Family::V6 => Domain::IPV6,
+    };
+    let socket = Socket::new(
+        domain,
+        Type::RAW.nonblocking().cloexec(),
+        Some(Protocol::from(i32::from(IPPROTO_VRRP))),
+    )
+    .map_err(sock_err(iface, "socket(IPPROTO_VRRP)"))?;
+    socket
+        .bind_device(Some(iface.as_bytes()))
+        .map_err(sock_err(iface, "SO_BINDTODEVICE"))?;
+    match family {
+        Family::V4 => {
+            socket
+                .set_ttl_v4(u32::from(REQUIRED_TTL))
+                .map_err(sock_err(iface, "IP_TTL"))?;
+            socket
+                .set_multicast_ttl_v4(u32::from(REQUIRED_TTL))
+                .map_err(sock_err(iface, "IP_MULTICAST_TTL"))?;
+            socket
+                .set_multicast_loop_v4(false)
+                .map_err(sock_err(iface, "IP_MULTICAST_LOOP"))?;
+            // Without this a raw socket also gets groups joined by other sockets.
+            socket
+                .set_multicast_all_v4(false)
+                .map_err(sock_err(iface, "IP_MULTICAST_ALL"))?;
+            if join {
+                socket
+                    .join_multicast_v4_n(&MULTICAST_V4, &InterfaceIndexOrAddress::Index(index))
+                    .map_err(sock_err(iface, "IP_ADD_MEMBERSHIP 224.0.0.18"))?;
+            }
+        }
+        Family::V6 => {
+            socket
+                .set_unicast_hops_v6(u32::from(REQUIRED_TTL))
+                .map_err(sock_err(iface, "IPV6_UNICAST_HOPS"))?;
+            socket
+                .set_multicast_hops_v6(u32::from(REQUIRED_TTL))
+                .map_err(sock_err(iface, "IPV6_MULTICAST_HOPS"))?;
+            socket
+                .set_multicast_loop_v6(false)
+                .map_err(sock_err(iface, "IPV6_MULTICAST_LOOP"))?;
+            socket
+                .set_multicast_all_v6(false)
+                .map_err(sock_err(iface, "IPV6_MULTICAST_ALL"))?;
+            setsockopt(&socket, sockopt::Ipv6RecvHopLimit, &true)
+                .map_err(|e| sock_err(iface, "IPV6_RECVHOPLIMIT")(e.into()))?;
+            setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)
+                .map_err(|e| sock_err(iface, "IPV6_RECVPKTINFO")(e.into()))?;
+            if join {
+                socket
+                    .join_multicast_v6(&MULTICAST_V6, index)
+                    .map_err(sock_err(iface, "IPV6_JOIN_GROUP ff02::12"))?;
+            }
+        }
+    }
+    Ok(socket)
+}
+
 impl VrrpSocket {
     /// Opens the socket: raw protocol 112, bound to the interface, group joined (multicast
     /// mode), TTL / hop limit 255, loop off, receive metadata on.
@@ -189,65 +254,8 @@ impl VrrpSocket {
                 .iter()
                 .any(|p| matches!(p, IpAddr::V6(v6) if !is_link_local(v6)));
         let source = primary_address(iface, params.family, global, &params.exclude_sources)?;
-        let domain = match params.family {
-            Family::V4 => Domain::IPV4,
-            Family::V6 => Domain::IPV6,
-        };
-        let socket = Socket::new(
-            domain,
-            Type::RAW.nonblocking().cloexec(),
-            Some(Protocol::from(i32::from(IPPROTO_VRRP))),
-        )
-        .map_err(sock_err(iface, "socket(IPPROTO_VRRP)"))?;
-        socket
-            .bind_device(Some(iface.as_bytes()))
-            .map_err(sock_err(iface, "SO_BINDTODEVICE"))?;
         let multicast = params.unicast_peers.is_empty();
-        match params.family {
-            Family::V4 => {
-                socket
-                    .set_ttl_v4(u32::from(REQUIRED_TTL))
-                    .map_err(sock_err(iface, "IP_TTL"))?;
-                socket
-                    .set_multicast_ttl_v4(u32::from(REQUIRED_TTL))
-                    .map_err(sock_err(iface, "IP_MULTICAST_TTL"))?;
-                socket
-                    .set_multicast_loop_v4(false)
-                    .map_err(sock_err(iface, "IP_MULTICAST_LOOP"))?;
-                // Without this a raw socket also gets groups joined by other sockets.
-                socket
-                    .set_multicast_all_v4(false)
-                    .map_err(sock_err(iface, "IP_MULTICAST_ALL"))?;
-                if multicast {
-                    socket
-                        .join_multicast_v4_n(&MULTICAST_V4, &InterfaceIndexOrAddress::Index(index))
-                        .map_err(sock_err(iface, "IP_ADD_MEMBERSHIP 224.0.0.18"))?;
-                }
-            }
-            Family::V6 => {
-                socket
-                    .set_unicast_hops_v6(u32::from(REQUIRED_TTL))
-                    .map_err(sock_err(iface, "IPV6_UNICAST_HOPS"))?;
-                socket
-                    .set_multicast_hops_v6(u32::from(REQUIRED_TTL))
-                    .map_err(sock_err(iface, "IPV6_MULTICAST_HOPS"))?;
-                socket
-                    .set_multicast_loop_v6(false)
-                    .map_err(sock_err(iface, "IPV6_MULTICAST_LOOP"))?;
-                socket
-                    .set_multicast_all_v6(false)
-                    .map_err(sock_err(iface, "IPV6_MULTICAST_ALL"))?;
-                setsockopt(&socket, sockopt::Ipv6RecvHopLimit, &true)
-                    .map_err(|e| sock_err(iface, "IPV6_RECVHOPLIMIT")(e.into()))?;
-                setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)
-                    .map_err(|e| sock_err(iface, "IPV6_RECVPKTINFO")(e.into()))?;
-                if multicast {
-                    socket
-                        .join_multicast_v6(&MULTICAST_V6, index)
-                        .map_err(sock_err(iface, "IPV6_JOIN_GROUP ff02::12"))?;
-                }
-            }
-        }
+        let socket = raw_socket(iface, index, params.family, multicast)?;
         let destinations = if multicast {
             vec![match params.family {
                 Family::V4 => IpAddr::V4(MULTICAST_V4),
@@ -284,50 +292,7 @@ impl VrrpSocket {
     /// parent's link-local address, does not belong to the macvlan.
     pub fn add_vmac_receiver(&mut self, vmac_if: &str) -> Result<(), NetworkError> {
         let index = ifindex(vmac_if)?;
-        let domain = match self.family {
-            Family::V4 => Domain::IPV4,
-            Family::V6 => Domain::IPV6,
-        };
-        let socket = Socket::new(
-            domain,
-            Type::RAW.nonblocking().cloexec(),
-            Some(Protocol::from(i32::from(IPPROTO_VRRP))),
-        )
-        .map_err(sock_err(vmac_if, "socket(IPPROTO_VRRP)"))?;
-        socket
-            .bind_device(Some(vmac_if.as_bytes()))
-            .map_err(sock_err(vmac_if, "SO_BINDTODEVICE"))?;
-        match self.family {
-            Family::V4 => {
-                socket
-                    .set_ttl_v4(u32::from(REQUIRED_TTL))
-                    .map_err(sock_err(vmac_if, "IP_TTL"))?;
-                socket
-                    .set_multicast_ttl_v4(u32::from(REQUIRED_TTL))
-                    .map_err(sock_err(vmac_if, "IP_MULTICAST_TTL"))?;
-                socket
-                    .set_multicast_loop_v4(false)
-                    .map_err(sock_err(vmac_if, "IP_MULTICAST_LOOP"))?;
-                socket
-                    .set_multicast_all_v4(false)
-                    .map_err(sock_err(vmac_if, "IP_MULTICAST_ALL"))?;
-                socket
-                    .join_multicast_v4_n(&MULTICAST_V4, &InterfaceIndexOrAddress::Index(index))
-                    .map_err(sock_err(vmac_if, "IP_ADD_MEMBERSHIP 224.0.0.18"))?;
-            }
-            Family::V6 => {
-                socket
-                    .set_multicast_all_v6(false)
-                    .map_err(sock_err(vmac_if, "IPV6_MULTICAST_ALL"))?;
-                setsockopt(&socket, sockopt::Ipv6RecvHopLimit, &true)
-                    .map_err(|e| sock_err(vmac_if, "IPV6_RECVHOPLIMIT")(e.into()))?;
-                setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)
-                    .map_err(|e| sock_err(vmac_if, "IPV6_RECVPKTINFO")(e.into()))?;
-                socket
-                    .join_multicast_v6(&MULTICAST_V6, index)
-                    .map_err(sock_err(vmac_if, "IPV6_JOIN_GROUP ff02::12"))?;
-            }
-        }
+        let socket = raw_socket(vmac_if, index, self.family, true)?;
         self.vmac_rx = Some(register(socket).map_err(sock_err(vmac_if, "register with tokio"))?);
         self.vmac_ifindex = index;
         Ok(())
