@@ -1180,6 +1180,23 @@ impl Lab {
     pub fn routers(&self) -> &[RouterNode] {
         &self.routers
     }
+    /// The last `n` lines of every router's daemon log, one block per router (for the
+    /// message of a failed test).
+    pub fn router_log_tails(&self, n: usize) -> String {
+        self.routers
+            .iter()
+            .map(|r| {
+                let log = std::fs::read_to_string(&r.log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(n).collect();
+                format!(
+                    "--- router {} log (last {n} lines):\n{}",
+                    r.index,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
     pub fn gateway(&self, i: usize) -> &GatewayNode {
         &self.gateways[i]
     }

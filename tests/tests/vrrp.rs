@@ -62,19 +62,7 @@ fn holders(lab: &Lab) -> Vec<usize> {
 }
 
 fn logs(lab: &Lab) -> String {
-    lab.routers()
-        .iter()
-        .map(|r| {
-            let log = std::fs::read_to_string(&r.log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            format!(
-                "--- router {} log (last 40 lines):\n{}",
-                r.index,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    lab.router_log_tails(40)
 }
 
 fn wait_for(lab: &Lab, what: &str, ok: impl Fn(&Lab) -> bool) {
