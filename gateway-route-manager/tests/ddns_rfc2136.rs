@@ -92,26 +92,7 @@ fn dig(lab: &Lab) -> Vec<Ipv4Addr> {
 
 /// The zone's SOA serial: named increments it on every update it applies.
 fn soa_serial(lab: &Lab) -> u64 {
-    tokio::task::block_in_place(|| {
-        let out = lab
-            .internet()
-            .exec(
-                "dig",
-                &[
-                    &format!("@{}", topo::INTERNET_DNS),
-                    "+short",
-                    "+time=1",
-                    "+tries=1",
-                    topo::DNS_ZONE,
-                    "SOA",
-                ],
-            )
-            .unwrap();
-        out.split_whitespace()
-            .nth(2)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no SOA serial in {out:?}"))
-    })
+    tokio::task::block_in_place(|| lab.dns_soa_serial().unwrap())
 }
 
 fn publics(idx: &[usize]) -> Vec<Ipv4Addr> {

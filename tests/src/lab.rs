@@ -68,6 +68,31 @@ pub enum LabError {
     },
     #[error("bad lab parameters: {0}")]
     Params(String),
+    #[error("DNS query {query} to the lab's named: {reason}")]
+    Dns { query: String, reason: String },
+}
+
+/// The rdata of the `rtype` records in `dig +noall +comments +answer` output, after checking
+/// that the header's status is NOERROR or NXDOMAIN.
+fn parse_dig(out: &str, rtype: &str) -> Result<Vec<String>, String> {
+    let status = out
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|rest| rest.split(',').next().unwrap_or("").trim())
+        .ok_or_else(|| format!("no answer (dig printed {:?})", out.trim()))?;
+    if status != "NOERROR" && status != "NXDOMAIN" {
+        return Err(format!("status {status}"));
+    }
+    Ok(out
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| {
+            // name ttl class type rdata...
+            let mut f = l.split_whitespace();
+            let _ = (f.next(), f.next(), f.next());
+            (f.next()? == rtype).then(|| f.collect::<Vec<_>>().join(" "))
+        })
+        .collect())
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
@@ -1162,6 +1187,23 @@ impl Lab {
                 "named",
                 Duration::from_secs(10),
             )
+            .and_then(|()| {
+                // Listening comes before the zone is loaded: wait until it answers for it.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    match self.dns_soa_serial() {
+                        Ok(_) => return Ok(()),
+                        Err(e) if Instant::now() >= deadline => {
+                            return Err(LabError::NotReady {
+                                what: format!("named's zone {} ({e})", topo::DNS_ZONE),
+                                secs: 10,
+                                detail: String::new(),
+                            })
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                }
+            })
             .map_err(|e| match e {
                 LabError::NotReady { what, secs, .. } => LabError::NotReady {
                     what,
@@ -1274,22 +1316,58 @@ impl Lab {
         Ok(self.inet.run_in(|| http::get(url, timeout))??)
     }
 
-    /// The A records of `name` on the lab's DNS server.
+    /// The A records of `name` on the lab's DNS server; empty when the name has none. An
+    /// error when named does not answer, or answers anything but NOERROR/NXDOMAIN, so "no
+    /// records" is never confused with "no answer".
     pub fn dns_a_records(&self, name: &str) -> Result<Vec<Ipv4Addr>, LabError> {
-        let out = self.inet.exec(
-            "dig",
-            &[
-                &format!("@{}", topo::INTERNET_DNS),
-                "+short",
-                "+time=1",
-                "+tries=1",
-                name,
-                "A",
-            ],
-        )?;
-        let mut v: Vec<Ipv4Addr> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let mut v = Vec::new();
+        for rdata in self.dns_query(name, "A")? {
+            v.push(rdata.parse().map_err(|_| LabError::Dns {
+                query: format!("{name} A"),
+                reason: format!("answer {rdata:?} is not an IPv4 address"),
+            })?);
+        }
         v.sort();
         Ok(v)
+    }
+
+    /// The serial of the lab zone's SOA record (named increments it on every applied update).
+    pub fn dns_soa_serial(&self) -> Result<u64, LabError> {
+        let answers = self.dns_query(topo::DNS_ZONE, "SOA")?;
+        answers
+            .first()
+            .and_then(|rdata| rdata.split_whitespace().nth(2))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| LabError::Dns {
+                query: format!("{} SOA", topo::DNS_ZONE),
+                reason: format!("no serial in the answer {answers:?}"),
+            })
+    }
+
+    /// One query to the lab's named (up to 3 tries, 1 s each): the rdata of the answer
+    /// records of type `rtype`.
+    fn dns_query(&self, name: &str, rtype: &str) -> Result<Vec<String>, LabError> {
+        let query = format!("{name} {rtype}");
+        let out = self
+            .inet
+            .exec(
+                "dig",
+                &[
+                    &format!("@{}", topo::INTERNET_DNS),
+                    "+noall",
+                    "+comments",
+                    "+answer",
+                    "+time=1",
+                    "+tries=3",
+                    name,
+                    rtype,
+                ],
+            )
+            .map_err(|e| LabError::Dns {
+                query: query.clone(),
+                reason: e.to_string(),
+            })?;
+        parse_dig(&out, rtype).map_err(|reason| LabError::Dns { query, reason })
     }
 
     /// Hand-made egress for plumbing tests, before vpn-router's engines exist: router `k`
@@ -1454,4 +1532,34 @@ fn gateway_nft(i: usize) -> String {
 }}
 "#
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_dig;
+
+    #[test]
+    fn dig_output_statuses_and_answers() {
+        let ok = ";; Got answer:\n;; ->>HEADER<<- opcode: QUERY, status: NOERROR, id: 1\n\
+                  ;; flags: qr aa rd; QUERY: 1, ANSWER: 2\n\n\
+                  vpn.lab.test.\t60\tIN\tA\t198.51.100.11\n\
+                  vpn.lab.test.\t60\tIN\tA\t198.51.100.10\n";
+        assert_eq!(
+            parse_dig(ok, "A").unwrap(),
+            vec!["198.51.100.11", "198.51.100.10"]
+        );
+        let nx = ";; ->>HEADER<<- opcode: QUERY, status: NXDOMAIN, id: 2\n";
+        assert_eq!(parse_dig(nx, "A").unwrap(), Vec::<String>::new());
+        let soa = ";; ->>HEADER<<- opcode: QUERY, status: NOERROR, id: 3\n\
+                   lab.test. 300 IN SOA ns.lab.test. hostmaster.lab.test. 7 3600 600 86400 60\n";
+        assert_eq!(
+            parse_dig(soa, "SOA").unwrap(),
+            vec!["ns.lab.test. hostmaster.lab.test. 7 3600 600 86400 60"]
+        );
+        let fail = ";; ->>HEADER<<- opcode: QUERY, status: SERVFAIL, id: 4\n";
+        assert_eq!(parse_dig(fail, "A").unwrap_err(), "status SERVFAIL");
+        assert!(parse_dig(";; communications error: timed out\n", "A")
+            .unwrap_err()
+            .starts_with("no answer"));
+    }
 }
