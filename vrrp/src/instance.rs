@@ -21,6 +21,7 @@ use crate::metrics::{InstanceLabel, ReasonLabels, VrrpMetrics};
 use crate::netlink::Netlink;
 use crate::network::{SocketParams, VrrpSocket};
 use crate::packet::{self, Advertisement, ChecksumMode, DecodeContext, Family, Version};
+use crate::timer::PeriodicTimer;
 use crate::vip::{VipSet, VirtualIp};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -182,10 +183,6 @@ pub struct InstanceStatus {
     pub last_transition_unix: Option<f64>,
     /// Reason of the last change.
     pub last_transition_reason: Option<String>,
-    /// Adverts sent.
-    pub adverts_sent: u64,
-    /// Valid adverts received.
-    pub adverts_received: u64,
     /// Rejected packets by reason.
     pub invalid: BTreeMap<String, u64>,
     /// Last VIP / send error, if any.
@@ -193,9 +190,9 @@ pub struct InstanceStatus {
 }
 
 impl InstanceStatus {
-    /// Makes `self` equal to `other`, cloning only the fields that differ (an advert changes
-    /// only a counter; cloning the whole status each time allocated every reason string).
-    /// True if anything changed.
+    /// Makes `self` equal to `other`, cloning only the fields that differ. True if anything
+    /// changed. A routine advert changes nothing here (packet counts live in the metrics,
+    /// see [`crate::VrrpMetrics::advert_counts`]), so the status watch stays quiet.
     pub fn update_from(&mut self, other: &InstanceStatus) -> bool {
         if self == other {
             return false;
@@ -209,8 +206,6 @@ impl InstanceStatus {
             transitions,
             last_transition_unix,
             last_transition_reason,
-            adverts_sent,
-            adverts_received,
             invalid,
             last_error,
         } = other;
@@ -227,8 +222,6 @@ impl InstanceStatus {
             self.last_transition_reason
                 .clone_from(last_transition_reason);
         }
-        self.adverts_sent = *adverts_sent;
-        self.adverts_received = *adverts_received;
         if self.invalid != *invalid {
             self.invalid.clone_from(invalid);
         }
@@ -249,8 +242,6 @@ impl InstanceStatus {
             transitions: 0,
             last_transition_unix: None,
             last_transition_reason: None,
-            adverts_sent: 0,
-            adverts_received: 0,
             invalid: BTreeMap::new(),
             last_error: None,
         }
@@ -276,6 +267,18 @@ pub struct RunHandles {
     pub wall_clock_at_start: SystemTime,
 }
 
+/// Waits for a change on `rx` and hands the receiver back with it. Pending forever without
+/// a receiver or once the sender is gone (the last value stays in force).
+async fn changed_owned<T>(rx: Option<watch::Receiver<T>>) -> watch::Receiver<T> {
+    let Some(mut rx) = rx else {
+        return std::future::pending().await;
+    };
+    match rx.changed().await {
+        Ok(()) => rx,
+        Err(_) => std::future::pending().await,
+    }
+}
+
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -299,8 +302,19 @@ struct Timers {
     garp_refresh: Option<Instant>,
 }
 
+/// The adverts last encoded, one per destination: a steady master sends the same bytes
+/// every interval, so they are built again only when the priority or interval changes.
+struct EncodedAdverts {
+    /// (priority, Max Advertise Interval field).
+    key: (u8, u16),
+    messages: Vec<(IpAddr, Result<Vec<u8>, String>)>,
+}
+
 struct Runner {
     cfg: InstanceConfig,
+    advert_cache: Option<EncodedAdverts>,
+    /// Fires at `timers.adver` (kept in step before every wait).
+    adver_timer: PeriodicTimer,
     fsm: Fsm,
     socket: VrrpSocket,
     vips: VipSet,
@@ -382,7 +396,13 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
             instance: name.clone(),
         })
         .clone();
+    let adver_timer = PeriodicTimer::new().map_err(|source| InstanceError::Network {
+        instance: name.clone(),
+        source: Box::new(crate::network::NetworkError::Timer(source)),
+    })?;
     let mut r = Runner {
+        advert_cache: None,
+        adver_timer,
         sent,
         received,
         priority_gauge,
@@ -435,11 +455,24 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
     };
     let mut buf = vec![0u8; 2048];
     let mut shutdown_fed = false;
-    let mut reload = handles.reload.take();
+    // The control inputs wait in futures that live across iterations: re-creating them for
+    // every advert registered and unregistered a waiter with each channel 100 times a second.
+    let shutdown = handles.shutdown.clone();
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let healthy_changed = changed_owned(Some(handles.healthy));
+    tokio::pin!(healthy_changed);
+    let reload_changed = changed_owned(handles.reload.take());
+    tokio::pin!(reload_changed);
     loop {
+        // A steady master re-arms the advert timer from when it was due, which is where the
+        // kernel's periodic timer already stands: no system call then.
+        if let Err(e) = r.adver_timer.sync(r.timers.adver, r.cfg.advert_interval) {
+            tracing::warn!(instance = %name, error = %e, "arming the advert timer failed");
+            r.status.last_error = Some(format!("advert timer: {e}"));
+        }
         let t = &r.timers;
-        let (adver, master_down, handoff, garp_burst, garp_followup, garp_refresh) = (
-            t.adver,
+        let (master_down, handoff, garp_burst, garp_followup, garp_refresh) = (
             t.master_down,
             t.handoff,
             t.garp_burst,
@@ -448,7 +481,7 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
         );
         let event = tokio::select! {
             biased;
-            _ = handles.shutdown.cancelled(), if !shutdown_fed => {
+            () = &mut cancelled, if !shutdown_fed => {
                 shutdown_fed = true;
                 Some(Event::Shutdown)
             }
@@ -456,7 +489,12 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
                 r.timers.master_down = None;
                 Some(Event::MasterDownTimerFired)
             }
-            _ = sleep_until_opt(adver) => {
+            res = r.adver_timer.fired() => {
+                if let Err(e) = res {
+                    tracing::warn!(instance = %name, error = %e, "advert timer failed");
+                    r.status.last_error = Some(format!("advert timer: {e}"));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 r.timers.adver_fired = r.timers.adver.take();
                 Some(Event::AdverTimerFired)
             }
@@ -488,19 +526,15 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
                 r.announce();
                 None
             }
-            changed = handles.healthy.changed() => match changed {
-                Ok(()) => Some(Event::TrackChanged { healthy_count: *handles.healthy.borrow_and_update() }),
-                // The sender is gone: keep the last value, stop watching.
-                Err(_) => { handles.healthy = watch::channel(healthy_now).1; None }
-            },
-            changed = async { match reload.as_mut() { Some(rx) => rx.changed().await, None => std::future::pending().await } } => {
-                match (changed, reload.as_mut()) {
-                    (Ok(()), Some(rx)) => {
-                        let new = rx.borrow_and_update().clone();
-                        r.apply_reload(new)
-                    }
-                    _ => { reload = None; None }
-                }
+            mut rx = &mut healthy_changed => {
+                let healthy_count = *rx.borrow_and_update();
+                healthy_changed.set(changed_owned(Some(rx)));
+                Some(Event::TrackChanged { healthy_count })
+            }
+            mut rx = &mut reload_changed => {
+                let new = rx.borrow_and_update().clone();
+                reload_changed.set(changed_owned(Some(rx)));
+                r.apply_reload(new)
             }
         };
         if let Some(ev) = event {
@@ -577,7 +611,6 @@ impl Runner {
         match packet::decode(payload, &rx.meta, ctx, v2_interval) {
             Ok(adv) if adv.vrid != self.cfg.vrid => None,
             Ok(adv) => {
-                self.status.adverts_received += 1;
                 self.received.inc();
                 Some(Event::AdvertReceived {
                     priority: adv.priority,
@@ -605,26 +638,44 @@ impl Runner {
     }
 
     async fn send_advert(&mut self, priority: u8) {
-        let adv = Advertisement {
-            version: self.cfg.version,
-            vrid: self.cfg.vrid,
-            priority,
-            adver_int: Advertisement::adver_int_field(self.cfg.version, self.cfg.advert_interval),
-            addresses: self.vip_addrs.clone(),
+        let adver_int = Advertisement::adver_int_field(self.cfg.version, self.cfg.advert_interval);
+        let key = (priority, adver_int);
+        if self.advert_cache.as_ref().is_none_or(|c| c.key != key) {
+            let adv = Advertisement {
+                version: self.cfg.version,
+                vrid: self.cfg.vrid,
+                priority,
+                adver_int,
+                addresses: self.vip_addrs.clone(),
+            };
+            let src = self.socket.source();
+            let messages = self
+                .socket
+                .destinations()
+                .iter()
+                .map(|&dst| {
+                    let bytes = adv
+                        .encode(src, dst, self.cfg.checksum_mode)
+                        .map_err(|e| e.to_string());
+                    (dst, bytes)
+                })
+                .collect();
+            self.advert_cache = Some(EncodedAdverts { key, messages });
+        }
+        let Some(cache) = &self.advert_cache else {
+            return;
         };
-        let src = self.socket.source();
-        for dst in self.socket.destinations().to_vec() {
-            let res = match adv.encode(src, dst, self.cfg.checksum_mode) {
+        for (dst, bytes) in &cache.messages {
+            let res = match bytes {
                 Ok(bytes) => self
                     .socket
-                    .send(&bytes, dst)
+                    .send(bytes, *dst)
                     .await
                     .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e.clone()),
             };
             match res {
                 Ok(()) => {
-                    self.status.adverts_sent += 1;
                     self.sent.inc();
                 }
                 Err(e) => {

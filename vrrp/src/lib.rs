@@ -15,6 +15,7 @@ pub mod netlink;
 pub mod network;
 pub mod packet;
 mod serde_duration;
+mod timer;
 pub mod vip;
 
 pub use error::InstanceError;

@@ -128,6 +128,45 @@ impl VrrpMetrics {
         self.set_state(instance, State::Initialize);
     }
 
+    /// Adverts sent and valid adverts received by `instance` since the daemon started (0 for
+    /// an instance that never ran). Read from the counters, so the runner publishes no
+    /// status change per advert.
+    pub fn advert_counts(&self, instance: &str) -> (u64, u64) {
+        let il = InstanceLabel {
+            instance: instance.to_string(),
+        };
+        let get = |f: &Family<InstanceLabel, Counter>| f.get(&il).map_or(0, |c| c.get());
+        (get(&self.adverts_sent), get(&self.adverts_received))
+    }
+
+    /// Drops every series of `instance` (it was removed from the configuration), so
+    /// `/metrics` stops reporting it.
+    pub fn remove_instance(&self, instance: &str) {
+        let il = InstanceLabel {
+            instance: instance.to_string(),
+        };
+        self.transitions.remove(&il);
+        self.adverts_sent.remove(&il);
+        self.adverts_received.remove(&il);
+        self.effective_priority.remove(&il);
+        self.last_transition.remove(&il);
+        for s in [State::Initialize, State::Backup, State::Master] {
+            self.state.remove(&StateLabels {
+                instance: instance.to_string(),
+                state: s.as_str().to_string(),
+            });
+        }
+        for reason in DecodeError::REASONS
+            .iter()
+            .chain(EXTRA_INVALID_REASONS.iter())
+        {
+            self.invalid_packets.remove(&ReasonLabels {
+                instance: instance.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+    }
+
     pub(crate) fn set_state(&self, instance: &str, state: State) {
         for s in [State::Initialize, State::Backup, State::Master] {
             self.state
@@ -137,5 +176,41 @@ impl VrrpMetrics {
                 })
                 .set(i64::from(s == state));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposition(m: &VrrpMetrics) -> String {
+        let mut r = Registry::default();
+        m.register(&mut r);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+        out
+    }
+
+    #[test]
+    fn counts_read_back_and_a_removed_instance_leaves_no_series() {
+        let m = VrrpMetrics::new();
+        m.init_instance("a");
+        m.init_instance("b");
+        let il = |i: &str| InstanceLabel {
+            instance: i.to_string(),
+        };
+        m.adverts_sent.get_or_create(&il("a")).inc_by(5);
+        m.adverts_received.get_or_create(&il("a")).inc_by(2);
+        assert_eq!(m.advert_counts("a"), (5, 2));
+        assert_eq!(m.advert_counts("never-ran"), (0, 0));
+
+        m.remove_instance("a");
+        let text = exposition(&m);
+        assert!(
+            !text.contains("instance=\"a\""),
+            "series of a left:\n{text}"
+        );
+        assert!(text.contains("instance=\"b\""), "series of b gone:\n{text}");
+        assert_eq!(m.advert_counts("a"), (0, 0));
     }
 }

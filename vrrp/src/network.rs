@@ -54,6 +54,9 @@ pub enum NetworkError {
         /// OS error.
         source: std::io::Error,
     },
+    /// The advert timer (a timerfd) could not be created.
+    #[error("VRRP advert timer: timerfd_create: {0}")]
+    Timer(std::io::Error),
 }
 
 /// Where and how to open the advert socket.

@@ -29,9 +29,10 @@ use crate::status::{ComponentState, ComponentStatus, StatusBoard};
 /// before it is tried again.
 const SETUP_RETRY: Duration = Duration::from_secs(5);
 
-/// How often packet counters alone refresh the status board: at 10 ms adverts every advert
-/// changes them, and serialising /status 100 times a second costs more than the protocol.
-/// State, priority, master and errors are shown at once.
+/// How often the advert counters in `/status` are refreshed from the metrics. The runner
+/// publishes a status change only when state, priority, master or an error changes: at
+/// 10 ms adverts a change per advert woke this task 100 times a second (and serialised
+/// `/status`), which cost more than the protocol itself.
 const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 
 /// The VRRP instances of the daemon.
@@ -39,8 +40,9 @@ const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 pub(super) struct VrrpEngine {
     metrics: ::vrrp::VrrpMetrics,
     instances: BTreeMap<String, Instance>,
-    /// Tasks of removed or restarted instances still handing over; awaited at shutdown.
-    stopping: Vec<JoinHandle<()>>,
+    /// Tasks of removed instances still handing over, by name; awaited at shutdown, and by
+    /// an instance of the same name added back before they finished.
+    stopping: Vec<(String, JoinHandle<()>)>,
     view: Option<Arc<View>>,
     thread: VrrpThread,
 }
@@ -161,13 +163,14 @@ impl VrrpEngine {
             .view
             .get_or_insert_with(|| {
                 Arc::new(View {
+                    metrics: self.metrics.clone(),
                     board: shared.board.clone(),
                     roles: roles.clone(),
                     entries: Mutex::new(BTreeMap::new()),
                 })
             })
             .clone();
-        self.stopping.retain(|t| !t.is_finished());
+        self.stopping.retain(|(_, t)| !t.is_finished());
         let runtime = self.thread.handle();
         let desired: BTreeMap<String, InstanceConfig> = instance_configs(config)
             .into_iter()
@@ -184,7 +187,7 @@ impl VrrpEngine {
             if let Some(old) = self.instances.remove(&name) {
                 tracing::info!(instance = %name, "VRRP instance removed from the config: handing over");
                 old.cancel.cancel();
-                self.stopping.push(old.task);
+                self.stopping.push((name, old.task));
             }
         }
 
@@ -209,7 +212,14 @@ impl VrrpEngine {
                 }
             };
             let Some(old) = self.instances.remove(&name) else {
-                let inst = spawn(None, &self.metrics);
+                // Removed a moment ago and still handing over: the new one waits for it
+                // (two runners on one VRID would fight, and its end clears the status).
+                let previous = self
+                    .stopping
+                    .iter()
+                    .position(|(n, _)| *n == name)
+                    .map(|i| (self.stopping.swap_remove(i).1, None));
+                let inst = spawn(previous, &self.metrics);
                 self.instances.insert(name, inst);
                 continue;
             };
@@ -256,7 +266,7 @@ impl VrrpEngine {
             .into_values()
             .map(|i| i.task)
             .collect();
-        tasks.append(&mut self.stopping);
+        tasks.extend(self.stopping.drain(..).map(|(_, t)| t));
         tasks
     }
 }
@@ -406,31 +416,16 @@ async fn instance_task(
         };
         let run = ::vrrp::run(config, handles);
         tokio::pin!(run);
-        let mut shown: Option<InstanceStatus> = None;
-        let mut flush_at: Option<tokio::time::Instant> = None;
+        let mut counters = tokio::time::interval(COUNTERS_EVERY);
+        counters.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             tokio::select! {
                 res = &mut run => break res,
                 Ok(()) = status_rx.changed() => {
-                    let significant = {
-                        let s = status_rx.borrow_and_update();
-                        shown.as_ref().is_none_or(|old| !same_but_counters(old, &s))
-                    };
-                    if significant {
-                        let s = status_rx.borrow().clone();
-                        view.update(&name, s.clone(), None);
-                        shown = Some(s);
-                        flush_at = None;
-                    } else if flush_at.is_none() {
-                        flush_at = Some(tokio::time::Instant::now() + COUNTERS_EVERY);
-                    }
+                    let s = status_rx.borrow_and_update().clone();
+                    view.update(&name, s, None);
                 }
-                _ = sleep_until_opt(flush_at) => {
-                    flush_at = None;
-                    let s = status_rx.borrow().clone();
-                    view.update(&name, s.clone(), None);
-                    shown = Some(s);
-                }
+                _ = counters.tick() => view.refresh_counters(),
                 Ok(()) = healthy.changed() => {
                     let n = tracked_count(&healthy.borrow_and_update(), &mut last_complete);
                     count_tx.send_if_modified(|c| std::mem::replace(c, n) != n);
@@ -451,26 +446,7 @@ async fn instance_task(
         }
     }
     view.remove(&name);
-}
-
-/// True when `a` and `b` differ at most in their packet counters.
-fn same_but_counters(a: &InstanceStatus, b: &InstanceStatus) -> bool {
-    a.name == b.name
-        && a.state == b.state
-        && a.effective_priority == b.effective_priority
-        && a.master_addr == b.master_addr
-        && a.source_addr == b.source_addr
-        && a.transitions == b.transitions
-        && a.last_transition_unix == b.last_transition_unix
-        && a.last_transition_reason == b.last_transition_reason
-        && a.last_error == b.last_error
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
+    metrics.remove_instance(&name);
 }
 
 /// Removes VIPs a restarted instance no longer holds (see [`Restart::Adopt`]).
@@ -489,6 +465,7 @@ async fn remove_stale(stale: &InstanceConfig) {
 /// The `vrrp` status board entry and the roles, built from every instance's last status.
 #[derive(Debug)]
 struct View {
+    metrics: ::vrrp::VrrpMetrics,
     board: Arc<StatusBoard>,
     roles: watch::Sender<Roles>,
     entries: Mutex<BTreeMap<String, Entry>>,
@@ -500,6 +477,10 @@ struct Entry {
     status: InstanceStatus,
     #[serde(flatten)]
     fixed: Fixed,
+    /// Adverts sent since the daemon started (refreshed every `COUNTERS_EVERY`).
+    adverts_sent: u64,
+    /// Valid adverts received since the daemon started.
+    adverts_received: u64,
     /// Why the instance is not running (it is retried).
     setup_error: Option<String>,
 }
@@ -520,6 +501,8 @@ impl View {
             let e = entries.entry(name.to_string()).or_insert_with(|| Entry {
                 status: status.clone(),
                 fixed: Fixed::default(),
+                adverts_sent: 0,
+                adverts_received: 0,
                 setup_error: None,
             });
             if state != ::vrrp::State::Initialize {
@@ -534,7 +517,28 @@ impl View {
             r.insert(name.to_string(), state)
                 .is_none_or(|old| old != state)
         });
+        self.read_counters();
         self.publish();
+    }
+
+    /// Re-reads the advert counters; publishes only when one moved.
+    fn refresh_counters(&self) {
+        if self.read_counters() {
+            self.publish();
+        }
+    }
+
+    /// Copies the advert counters from the metrics into the entries; true if any changed.
+    fn read_counters(&self) -> bool {
+        let mut changed = false;
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, e) in entries.iter_mut() {
+            let (sent, received) = self.metrics.advert_counts(name);
+            changed |= (sent, received) != (e.adverts_sent, e.adverts_received);
+            e.adverts_sent = sent;
+            e.adverts_received = received;
+        }
+        changed
     }
 
     fn setup_error(&self, name: &str, error: String) {

@@ -3,8 +3,8 @@
 //! settings: VRRPv3, 10 ms adverts, priorities as the lab gives them, adverts and VMAC on the
 //! router's `gw0`, the VIP 192.168.26.254/22. Measured per implementation: the client's outage
 //! (longest gap between replies of a ping to the VIP every 5 ms) when the master's links are
-//! cut, and on SIGTERM of the master; then the idle master's CPU (utime+stime from
-//! /proc/PID/stat over a window) and RSS.
+//! cut, and on SIGTERM of the master; then the idle master's CPU (scheduler run time of
+//! all its threads, /proc/PID/task/*/schedstat, over a window) and RSS.
 //!
 //! vpn-router counts as "not built" when neither router holds the VIP within a few seconds of
 //! starting (VRRP not wired into the daemon); the scenario says so and measures keepalived.
@@ -425,7 +425,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     println!();
     println!("## VRRP (issue 5)");
     println!(
-        "params: VRRPv3, advert interval {} ms, priorities {} / {}, preempt, VMAC on gw0 (adverts on gw0), VIP {}/{}; client pings the VIP every {} ms (ping -i, 2 s per trial); outage = from the last reply before a run of lost pings (missing icmp_seq) to the first reply after it, so a stall of the prober itself does not count; link cut = the master's gw0 and vrrp0 cables unplugged at the switch; SIGTERM = the master's process; {} trials each; idle CPU = (utime+stime) over {} s",
+        "params: VRRPv3, advert interval {} ms, priorities {} / {}, preempt, VMAC on gw0 (adverts on gw0), VIP {}/{}; client pings the VIP every {} ms (ping -i, 2 s per trial); outage = from the last reply before a run of lost pings (missing icmp_seq) to the first reply after it, so a stall of the prober itself does not count; link cut = the master's gw0 and vrrp0 cables unplugged at the switch; SIGTERM = the master's process; {} trials each; idle CPU = scheduler run time of all threads (/proc/PID/task/*/schedstat) over {} s",
         a.advert_ms,
         priority(0, 2),
         priority(1, 2),

@@ -1,0 +1,187 @@
+//! The advertisement timer: a periodic `CLOCK_MONOTONIC` timerfd that the runtime's poller
+//! watches like a socket.
+//!
+//! At 10 ms adverts a master fires this timer 100 times a second. A tokio `Sleep` re-armed
+//! after each advert made the runtime wake its own driver every time (the new deadline is
+//! earlier than anything else pending, so registering it writes the driver's eventfd and
+//! costs an extra `epoll_wait`), and tokio rounds each deadline to its millisecond wheel.
+//! The kernel's periodic timer re-arms itself at nanosecond precision: a steady master does
+//! one `epoll_wait`, one `read` of the expiry count and one `sendmsg` per advert.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
+
+/// The timerfd in the form tokio's reactor takes (`AsyncFd` wants `AsRawFd`).
+struct Fd(TimerFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// One periodic timer; see the module doc.
+pub(crate) struct PeriodicTimer {
+    fd: AsyncFd<Fd>,
+    /// When the kernel timer fires next and its period, while armed.
+    armed: Option<(Instant, Duration)>,
+}
+
+impl PeriodicTimer {
+    pub(crate) fn new() -> io::Result<PeriodicTimer> {
+        let fd = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        // SAFETY: `Fd` owns the timerfd: it stays open and unchanged until the `Fd` is
+        // dropped, which happens only when the `AsyncFd` owning it is dropped.
+        #[allow(unsafe_code)]
+        let fd = unsafe { AsyncFd::register_with_interest(Fd(fd), tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(PeriodicTimer { fd, armed: None })
+    }
+
+    /// Makes the timer fire at `at` and every `period` after, or never (`None`). Costs no
+    /// system call when the kernel timer already does exactly that, which is the case for a
+    /// master re-arming after each advert from the time it was due.
+    pub(crate) fn sync(&mut self, at: Option<Instant>, period: Duration) -> io::Result<()> {
+        let want = at.map(|at| (at, period));
+        if want == self.armed {
+            return Ok(());
+        }
+        match want {
+            None => self.fd.get_ref().0.unset().map_err(io::Error::from)?,
+            Some((at, period)) => {
+                // A zero initial expiry would disarm the timer: fire "now" as 1 ns.
+                let first = at
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_nanos(1));
+                self.fd
+                    .get_ref()
+                    .0
+                    .set(
+                        Expiration::IntervalDelayed(TimeSpec::from(first), TimeSpec::from(period)),
+                        TimerSetTimeFlags::empty(),
+                    )
+                    .map_err(io::Error::from)?;
+            }
+        }
+        self.armed = want;
+        Ok(())
+    }
+
+    /// Waits for the next expiry. Pending forever while disarmed. When the runtime was late
+    /// by more than a period (several expiries at once), they count as one.
+    pub(crate) async fn fired(&mut self) -> io::Result<()> {
+        if self.armed.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut count = [0u8; 8];
+            match guard.try_io(|fd| {
+                nix::unistd::read(fd.get_ref().0.as_fd(), &mut count).map_err(io::Error::from)
+            }) {
+                Ok(Ok(8)) => {
+                    // Reading reset the count: the fd is quiet until the next expiry, whose
+                    // edge the reactor sees afresh. Clearing now saves a read that would
+                    // only say EAGAIN on the next wait.
+                    guard.clear_ready();
+                    let n = u32::try_from(u64::from_ne_bytes(count)).unwrap_or(u32::MAX);
+                    if let Some((next, period)) = self.armed.as_mut() {
+                        *next += period.saturating_mul(n);
+                    }
+                    return Ok(());
+                }
+                Ok(Ok(n)) => {
+                    return Err(io::Error::other(format!(
+                        "timerfd read returned {n} bytes, expected 8"
+                    )))
+                }
+                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
+                Ok(Err(e)) => return Err(e),
+                // Spurious readiness: the guard cleared it; wait again.
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fires_periodically_and_sync_is_free_when_unchanged() {
+        let mut t = PeriodicTimer::new().unwrap();
+        let period = Duration::from_millis(20);
+        let start = Instant::now();
+        let first = start + Duration::from_millis(10);
+        t.sync(Some(first), period).unwrap();
+        t.fired().await.unwrap();
+        let after_first = Instant::now();
+        assert!(
+            after_first >= first,
+            "fired {:?} early",
+            first - after_first
+        );
+        // The kernel timer already fires at first + period: the same request changes nothing.
+        assert_eq!(t.armed, Some((first + period, period)));
+        t.sync(Some(first + period), period).unwrap();
+        t.fired().await.unwrap();
+        assert!(Instant::now() >= first + period);
+        assert_eq!(t.armed, Some((first + 2 * period, period)));
+    }
+
+    #[tokio::test]
+    async fn disarmed_never_fires_and_rearming_moves_the_deadline() {
+        let mut t = PeriodicTimer::new().unwrap();
+        let period = Duration::from_millis(10);
+        t.sync(Some(Instant::now() + period), period).unwrap();
+        t.sync(None, period).unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(50), t.fired()).await;
+        assert!(r.is_err(), "a disarmed timer fired");
+
+        // A deadline in the past fires at once.
+        let start = Instant::now();
+        t.sync(Some(start - Duration::from_millis(5)), period)
+            .unwrap();
+        tokio::time::timeout(Duration::from_millis(500), t.fired())
+            .await
+            .expect("a past deadline did not fire")
+            .unwrap();
+
+        // Moved later: does not fire at the old time.
+        let later = Instant::now() + Duration::from_millis(60);
+        t.sync(Some(Instant::now() + Duration::from_millis(5)), period)
+            .unwrap();
+        t.sync(Some(later), period).unwrap();
+        t.fired().await.unwrap();
+        assert!(Instant::now() >= later, "fired before the moved deadline");
+    }
+
+    #[tokio::test]
+    async fn missed_expiries_count_as_one() {
+        let mut t = PeriodicTimer::new().unwrap();
+        let period = Duration::from_millis(5);
+        let first = Instant::now() + period;
+        t.sync(Some(first), period).unwrap();
+        // Block the runtime's thread across several periods.
+        std::thread::sleep(Duration::from_millis(30));
+        t.fired().await.unwrap();
+        let (next, _) = t.armed.unwrap();
+        assert!(
+            next > first + 4 * period,
+            "the missed expiries were not skipped: next {:?} after first",
+            next - first
+        );
+    }
+}
