@@ -477,9 +477,10 @@ struct Entry {
     status: InstanceStatus,
     #[serde(flatten)]
     fixed: Fixed,
-    /// Adverts sent since the daemon started (refreshed every `COUNTERS_EVERY`).
+    /// Adverts sent since the instance started (a restart that hands over starts it again
+    /// at 0); read from the metrics every `COUNTERS_EVERY`.
     adverts_sent: u64,
-    /// Valid adverts received since the daemon started.
+    /// Valid adverts received, counted the same way.
     adverts_received: u64,
     /// Why the instance is not running (it is retried).
     setup_error: Option<String>,
