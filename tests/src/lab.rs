@@ -1473,7 +1473,13 @@ pub struct Capture {
 
 impl Capture {
     /// Stops the capture and counts packets matching `filter` (`tcpdump -r`).
-    pub fn stop_and_count(mut self, filter: &str) -> Result<usize, LabError> {
+    pub fn stop_and_count(self, filter: &str) -> Result<usize, LabError> {
+        Ok(self.stop_and_read(filter)?.len())
+    }
+
+    /// Stops the capture and returns the packets matching `filter`, one `tcpdump -r -nn -tt`
+    /// line each (the first field is the Unix time in seconds, microsecond precision).
+    pub fn stop_and_read(mut self, filter: &str) -> Result<Vec<String>, LabError> {
         if let Some(mut p) = self.proc_.take() {
             // SIGINT lets tcpdump flush its file; kill it only if it does not exit.
             p.signal(nix::sys::signal::Signal::SIGINT);
@@ -1484,10 +1490,13 @@ impl Capture {
             p.kill_and_reap();
         }
         let f = self.file.display().to_string();
-        let mut args = vec!["-n", "-r", f.as_str()];
+        let mut args = vec!["-nn", "-tt", "-r", f.as_str()];
         args.extend(filter.split_whitespace());
         let out = netns::run(Command::new("tcpdump").args(&args).stderr(Stdio::null()))?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().count())
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect())
     }
 }
 

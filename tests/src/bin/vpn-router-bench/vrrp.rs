@@ -59,6 +59,42 @@ struct Measured {
     dark_before_term: usize,
     /// (process, CPU % of a core, RSS kB)
     idle: Vec<(String, Option<f64>, Option<u64>)>,
+    /// Per link-cut trial: the old master's last advert to the new master's first, as seen at
+    /// the switch (None when the capture did not show both).
+    takeover: Vec<Option<Duration>>,
+}
+
+/// From `tcpdump -nn -tt` lines of VRRP adverts: the time from the last advert announcing
+/// `old_prio` to the first one announcing `new_prio` after it. Unlike the ping outage, this
+/// does not depend on the prober: `ping -i` stretches its interval while replies are missing,
+/// which puts the first answered ping on a 10 ms grid.
+fn takeover_on_wire(lines: &[String], old_prio: u8, new_prio: u8) -> Option<Duration> {
+    let mut last_old: Option<f64> = None;
+    for l in lines {
+        let Some(t) = l
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let Some(prio) = l
+            .split("prio ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse::<u8>().ok())
+        else {
+            continue;
+        };
+        if prio == old_prio {
+            last_old = Some(t);
+        } else if prio == new_prio {
+            if let Some(old) = last_old {
+                return Some(Duration::from_secs_f64((t - old).max(0.0)));
+            }
+        }
+    }
+    None
 }
 
 /// How the rig drives one implementation on router `k` (0 = preferred master, 1 = backup).
@@ -331,10 +367,20 @@ fn measure(lab: &Lab, a: &Args, v: &mut dyn Vrrp) -> anyhow::Result<Option<Measu
             m.dark_before_cut += 1;
             eprintln!("[vrrp] {name} link cut {}/{}: the VIP does not answer although only router 0 holds it", t + 1, a.trials);
         }
+        // The adverts (and the VMAC) are on gw0, whose bridge floods them to the switch too.
+        let cap = lab
+            .capture(lab.switch(), "brgw", "vrrp")
+            .context("capture adverts at the switch")?;
         let o = ping(lab, a, || {
             let _ = r0.cut_link(RouterLink::Gateway);
             let _ = r0.cut_link(RouterLink::Vrrp);
         })?;
+        let wire = takeover_on_wire(
+            &cap.stop_and_read("").context("read the advert capture")?,
+            priority(0, 2),
+            priority(1, 2),
+        );
+        m.takeover.push(wire);
         eprintln!(
             "[vrrp] {name} link cut {}/{}: outage {:.1} ms, {} of {} pings lost",
             t + 1,
@@ -484,6 +530,23 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     print!("{}", render_table("ms", 1, &outage));
     println!("Pings lost (sent - received):");
     print!("{}", render_table("pings", 0, &lost));
+    let mut wire = Vec::new();
+    for (name, m) in &results {
+        if let Some(m) = m {
+            let got: Vec<f64> = m.takeover.iter().flatten().map(|d| ms(*d)).collect();
+            let missing = m.takeover.len() - got.len();
+            let note = if missing > 0 {
+                format!("{missing} trial(s) without both adverts in the capture")
+            } else {
+                String::new()
+            };
+            wire.push(Row::new(format!("{name}: master's link cut"), got, note));
+        }
+    }
+    println!(
+        "Takeover on the wire (link cut; the old master's last advert to the new master's first, captured at the switch; Master_Down = 3 × interval + Skew):"
+    );
+    print!("{}", render_table("ms", 1, &wire));
     println!("Idle master:");
     println!("| process | CPU (% of a core) | RSS (MB) | target |");
     println!("| --- | --: | --: | --- |");
@@ -504,4 +567,34 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn advert(t: &str, src: &str, prio: u8) -> String {
+        format!("{t} IP {src} > 224.0.0.18: VRRPv3, Advertisement, vrid 51, prio {prio}, intvl 1cs, length 12")
+    }
+
+    #[test]
+    fn takeover_is_last_old_advert_to_first_new_one() {
+        let lines = vec![
+            advert("100.000000", "192.168.26.1", 160),
+            advert("100.010000", "192.168.26.1", 160),
+            advert("100.045100", "192.168.26.2", 150),
+            advert("100.055100", "192.168.26.2", 150),
+        ];
+        let d = takeover_on_wire(&lines, 160, 150).unwrap();
+        assert!((ms(d) - 35.1).abs() < 0.001, "{d:?}");
+    }
+
+    #[test]
+    fn no_takeover_without_both_masters() {
+        let only_old = vec![advert("1.0", "192.168.26.1", 160)];
+        assert_eq!(takeover_on_wire(&only_old, 160, 150), None);
+        // The new master's adverts before any of the old one's do not count.
+        let only_new = vec![advert("1.0", "192.168.26.2", 150), "garbage".to_string()];
+        assert_eq!(takeover_on_wire(&only_new, 160, 150), None);
+    }
 }
