@@ -21,7 +21,7 @@ use crate::metrics::{InstanceLabel, ReasonLabels, VrrpMetrics};
 use crate::netlink::Netlink;
 use crate::network::{SocketParams, VrrpSocket};
 use crate::packet::{self, Advertisement, ChecksumMode, DecodeContext, Family, Version};
-use crate::timer::PeriodicTimer;
+use crate::timer::KernelTimer;
 use crate::vip::{VipSet, VirtualIp};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -313,8 +313,9 @@ struct EncodedAdverts {
 struct Runner {
     cfg: InstanceConfig,
     advert_cache: Option<EncodedAdverts>,
-    /// Fires at `timers.adver` (kept in step before every wait).
-    adver_timer: PeriodicTimer,
+    /// Fire at `timers.adver` and `timers.master_down` (kept in step before every wait).
+    adver_timer: KernelTimer,
+    master_down_timer: KernelTimer,
     fsm: Fsm,
     socket: VrrpSocket,
     vips: VipSet,
@@ -396,13 +397,18 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
             instance: name.clone(),
         })
         .clone();
-    let adver_timer = PeriodicTimer::new().map_err(|source| InstanceError::Network {
-        instance: name.clone(),
-        source: Box::new(crate::network::NetworkError::Timer(source)),
-    })?;
+    let timer = || {
+        KernelTimer::new().map_err(|source| InstanceError::Network {
+            instance: name.clone(),
+            source: Box::new(crate::network::NetworkError::Timer(source)),
+        })
+    };
+    let adver_timer = timer()?;
+    let master_down_timer = timer()?;
     let mut r = Runner {
         advert_cache: None,
         adver_timer,
+        master_down_timer,
         sent,
         received,
         priority_gauge,
@@ -467,25 +473,32 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
     loop {
         // A steady master re-arms the advert timer from when it was due, which is where the
         // kernel's periodic timer already stands: no system call then.
-        if let Err(e) = r.adver_timer.sync(r.timers.adver, r.cfg.advert_interval) {
+        if let Err(e) = r
+            .adver_timer
+            .sync(r.timers.adver, Some(r.cfg.advert_interval))
+        {
             tracing::warn!(instance = %name, error = %e, "arming the advert timer failed");
             r.status.last_error = Some(format!("advert timer: {e}"));
         }
+        if let Err(e) = r.master_down_timer.sync(r.timers.master_down, None) {
+            tracing::warn!(instance = %name, error = %e, "arming the Master_Down timer failed");
+            r.status.last_error = Some(format!("Master_Down timer: {e}"));
+        }
         let t = &r.timers;
-        let (master_down, handoff, garp_burst, garp_followup, garp_refresh) = (
-            t.master_down,
-            t.handoff,
-            t.garp_burst,
-            t.garp_followup,
-            t.garp_refresh,
-        );
+        let (handoff, garp_burst, garp_followup, garp_refresh) =
+            (t.handoff, t.garp_burst, t.garp_followup, t.garp_refresh);
         let event = tokio::select! {
             biased;
             () = &mut cancelled, if !shutdown_fed => {
                 shutdown_fed = true;
                 Some(Event::Shutdown)
             }
-            _ = sleep_until_opt(master_down) => {
+            res = r.master_down_timer.fired() => {
+                if let Err(e) = res {
+                    tracing::warn!(instance = %name, error = %e, "Master_Down timer failed");
+                    r.status.last_error = Some(format!("Master_Down timer: {e}"));
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 r.timers.master_down = None;
                 Some(Event::MasterDownTimerFired)
             }

@@ -54,8 +54,8 @@ pub enum NetworkError {
         /// OS error.
         source: std::io::Error,
     },
-    /// The advert timer (a timerfd) could not be created.
-    #[error("VRRP advert timer: timerfd_create: {0}")]
+    /// A protocol timer (a timerfd) could not be created.
+    #[error("VRRP timer: timerfd_create: {0}")]
     Timer(std::io::Error),
 }
 

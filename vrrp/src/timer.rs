@@ -1,12 +1,16 @@
-//! The advertisement timer: a periodic `CLOCK_MONOTONIC` timerfd that the runtime's poller
+//! The advert and Master_Down timers: `CLOCK_MONOTONIC` timerfds that the runtime's poller
 //! watches like a socket.
 //!
-//! At 10 ms adverts a master fires this timer 100 times a second. A tokio `Sleep` re-armed
-//! after each advert made the runtime wake its own driver every time (the new deadline is
-//! earlier than anything else pending, so registering it writes the driver's eventfd and
-//! costs an extra `epoll_wait`), and tokio rounds each deadline to its millisecond wheel.
-//! The kernel's periodic timer re-arms itself at nanosecond precision: a steady master does
-//! one `epoll_wait`, one `read` of the expiry count and one `sendmsg` per advert.
+//! At 10 ms adverts a master fires its advert timer 100 times a second. A tokio `Sleep`
+//! re-armed after each advert made the runtime wake its own driver every time (the new
+//! deadline is earlier than anything else pending, so registering it writes the driver's
+//! eventfd and costs an extra `epoll_wait`). The kernel's periodic timer re-arms itself: a
+//! steady master does one `epoll_wait`, one `read` of the expiry count and one `sendmsg` per
+//! advert.
+//!
+//! tokio also rounds every deadline up to its millisecond wheel and sleeps in whole
+//! milliseconds, which made a backup's Master_Down fire about 1 ms late (up to 3 ms): a
+//! timerfd fires within the kernel's timer slack (50 µs), as keepalived's do.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -27,15 +31,15 @@ impl AsRawFd for Fd {
     }
 }
 
-/// One periodic timer; see the module doc.
-pub(crate) struct PeriodicTimer {
+/// One timer, periodic or one-shot; see the module doc.
+pub(crate) struct KernelTimer {
     fd: AsyncFd<Fd>,
-    /// When the kernel timer fires next and its period, while armed.
-    armed: Option<(Instant, Duration)>,
+    /// When the kernel timer fires next and its period (None: once), while armed.
+    armed: Option<(Instant, Option<Duration>)>,
 }
 
-impl PeriodicTimer {
-    pub(crate) fn new() -> io::Result<PeriodicTimer> {
+impl KernelTimer {
+    pub(crate) fn new() -> io::Result<KernelTimer> {
         let fd = TimerFd::new(
             ClockId::CLOCK_MONOTONIC,
             TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
@@ -46,13 +50,14 @@ impl PeriodicTimer {
         #[allow(unsafe_code)]
         let fd = unsafe { AsyncFd::register_with_interest(Fd(fd), tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)?;
-        Ok(PeriodicTimer { fd, armed: None })
+        Ok(KernelTimer { fd, armed: None })
     }
 
-    /// Makes the timer fire at `at` and every `period` after, or never (`None`). Costs no
-    /// system call when the kernel timer already does exactly that, which is the case for a
-    /// master re-arming after each advert from the time it was due.
-    pub(crate) fn sync(&mut self, at: Option<Instant>, period: Duration) -> io::Result<()> {
+    /// Makes the timer fire at `at` and then every `period` (or only once for `None`), or
+    /// never (`at` None). Costs no system call when the kernel timer already does exactly
+    /// that, which is the case for a master re-arming after each advert from the time it was
+    /// due.
+    pub(crate) fn sync(&mut self, at: Option<Instant>, period: Option<Duration>) -> io::Result<()> {
         let want = at.map(|at| (at, period));
         if want == self.armed {
             return Ok(());
@@ -64,13 +69,16 @@ impl PeriodicTimer {
                 let first = at
                     .saturating_duration_since(Instant::now())
                     .max(Duration::from_nanos(1));
+                let expiration = match period {
+                    Some(p) => {
+                        Expiration::IntervalDelayed(TimeSpec::from(first), TimeSpec::from(p))
+                    }
+                    None => Expiration::OneShot(TimeSpec::from(first)),
+                };
                 self.fd
                     .get_ref()
                     .0
-                    .set(
-                        Expiration::IntervalDelayed(TimeSpec::from(first), TimeSpec::from(period)),
-                        TimerSetTimeFlags::empty(),
-                    )
+                    .set(expiration, TimerSetTimeFlags::empty())
                     .map_err(io::Error::from)?;
             }
         }
@@ -96,8 +104,12 @@ impl PeriodicTimer {
                     // only say EAGAIN on the next wait.
                     guard.clear_ready();
                     let n = u32::try_from(u64::from_ne_bytes(count)).unwrap_or(u32::MAX);
-                    if let Some((next, period)) = self.armed.as_mut() {
-                        *next += period.saturating_mul(n);
+                    match self.armed {
+                        Some((next, Some(period))) => {
+                            self.armed = Some((next + period.saturating_mul(n), Some(period)));
+                        }
+                        // A one-shot timer is spent.
+                        _ => self.armed = None,
                     }
                     return Ok(());
                 }
@@ -121,11 +133,11 @@ mod tests {
 
     #[tokio::test]
     async fn fires_periodically_and_sync_is_free_when_unchanged() {
-        let mut t = PeriodicTimer::new().unwrap();
+        let mut t = KernelTimer::new().unwrap();
         let period = Duration::from_millis(20);
         let start = Instant::now();
         let first = start + Duration::from_millis(10);
-        t.sync(Some(first), period).unwrap();
+        t.sync(Some(first), Some(period)).unwrap();
         t.fired().await.unwrap();
         let after_first = Instant::now();
         assert!(
@@ -134,25 +146,25 @@ mod tests {
             first - after_first
         );
         // The kernel timer already fires at first + period: the same request changes nothing.
-        assert_eq!(t.armed, Some((first + period, period)));
-        t.sync(Some(first + period), period).unwrap();
+        assert_eq!(t.armed, Some((first + period, Some(period))));
+        t.sync(Some(first + period), Some(period)).unwrap();
         t.fired().await.unwrap();
         assert!(Instant::now() >= first + period);
-        assert_eq!(t.armed, Some((first + 2 * period, period)));
+        assert_eq!(t.armed, Some((first + 2 * period, Some(period))));
     }
 
     #[tokio::test]
     async fn disarmed_never_fires_and_rearming_moves_the_deadline() {
-        let mut t = PeriodicTimer::new().unwrap();
+        let mut t = KernelTimer::new().unwrap();
         let period = Duration::from_millis(10);
-        t.sync(Some(Instant::now() + period), period).unwrap();
-        t.sync(None, period).unwrap();
+        t.sync(Some(Instant::now() + period), Some(period)).unwrap();
+        t.sync(None, Some(period)).unwrap();
         let r = tokio::time::timeout(Duration::from_millis(50), t.fired()).await;
         assert!(r.is_err(), "a disarmed timer fired");
 
         // A deadline in the past fires at once.
         let start = Instant::now();
-        t.sync(Some(start - Duration::from_millis(5)), period)
+        t.sync(Some(start - Duration::from_millis(5)), Some(period))
             .unwrap();
         tokio::time::timeout(Duration::from_millis(500), t.fired())
             .await
@@ -161,19 +173,22 @@ mod tests {
 
         // Moved later: does not fire at the old time.
         let later = Instant::now() + Duration::from_millis(60);
-        t.sync(Some(Instant::now() + Duration::from_millis(5)), period)
-            .unwrap();
-        t.sync(Some(later), period).unwrap();
+        t.sync(
+            Some(Instant::now() + Duration::from_millis(5)),
+            Some(period),
+        )
+        .unwrap();
+        t.sync(Some(later), Some(period)).unwrap();
         t.fired().await.unwrap();
         assert!(Instant::now() >= later, "fired before the moved deadline");
     }
 
     #[tokio::test]
     async fn missed_expiries_count_as_one() {
-        let mut t = PeriodicTimer::new().unwrap();
+        let mut t = KernelTimer::new().unwrap();
         let period = Duration::from_millis(5);
         let first = Instant::now() + period;
-        t.sync(Some(first), period).unwrap();
+        t.sync(Some(first), Some(period)).unwrap();
         // Block the runtime's thread across several periods.
         std::thread::sleep(Duration::from_millis(30));
         t.fired().await.unwrap();
@@ -183,5 +198,17 @@ mod tests {
             "the missed expiries were not skipped: next {:?} after first",
             next - first
         );
+    }
+
+    #[tokio::test]
+    async fn one_shot_fires_once_then_is_spent() {
+        let mut t = KernelTimer::new().unwrap();
+        let at = Instant::now() + Duration::from_millis(5);
+        t.sync(Some(at), None).unwrap();
+        t.fired().await.unwrap();
+        assert!(Instant::now() >= at);
+        assert_eq!(t.armed, None, "a one-shot timer stays armed after firing");
+        let r = tokio::time::timeout(Duration::from_millis(30), t.fired()).await;
+        assert!(r.is_err(), "a one-shot timer fired twice");
     }
 }
