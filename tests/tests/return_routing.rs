@@ -187,17 +187,16 @@ fn lab(mode: &str) -> Lab {
     lab
 }
 
-#[test]
-fn replies_leave_through_the_gateway_they_came_in_by() {
-    let lab = lab("ecmp");
-    start_service(&lab.router(0).ns);
-
+/// Opens the connections of `connect_all`, echoes once on each while every gateway's `gw0`
+/// is captured, and returns how many were answered, the connections, and per gateway
+/// (index, replies seen on its wire, of which from its own ingress VIP).
+fn echo_through_every_gateway(lab: &Lab) -> (usize, Vec<Conn>, Vec<(usize, usize, usize)>) {
     let captures: Vec<_> = lab
         .gateways()
         .iter()
         .map(|g| lab.capture(&g.ns, "gw0", "tcp src port 6666").unwrap())
         .collect();
-    let mut conns = connect_all(&lab);
+    let mut conns = connect_all(lab);
     let answered = conns
         .iter_mut()
         .map(|c| {
@@ -209,12 +208,20 @@ fn replies_leave_through_the_gateway_they_came_in_by() {
     std::thread::sleep(Duration::from_millis(300));
     let mut on_wire = Vec::new();
     for (i, cap) in captures.into_iter().enumerate() {
-        let vip = topo::ingress_vip(i);
         let file = cap.file.clone();
         let total = cap.stop_and_count("").unwrap();
-        let own = count_in(&file, &format!("src host {vip}"));
+        let own = count_in(&file, &format!("src host {}", topo::ingress_vip(i)));
         on_wire.push((i, total, own));
     }
+    (answered, conns, on_wire)
+}
+
+#[test]
+fn replies_leave_through_the_gateway_they_came_in_by() {
+    let lab = lab("ecmp");
+    start_service(&lab.router(0).ns);
+
+    let (answered, mut conns, on_wire) = echo_through_every_gateway(&lab);
     eprintln!(
         "per gateway (index, replies seen on its gw0, of which from its own VIP): {on_wire:?}"
     );
@@ -307,30 +314,9 @@ fn forwarded_replies_keep_their_gateway_in_consistent_mode() {
         ))
         .unwrap();
     start_service(&lab.client(0).ns);
-    let captures: Vec<_> = lab
-        .gateways()
-        .iter()
-        .map(|g| lab.capture(&g.ns, "gw0", "tcp src port 6666").unwrap())
-        .collect();
-    let mut conns = connect_all(&lab);
-    let answered = conns
-        .iter_mut()
-        .map(|c| {
-            let g = c.gateway;
-            c.echo(&format!("hello through {g}"))
-        })
-        .filter(|ok| *ok)
-        .count();
-    std::thread::sleep(Duration::from_millis(300));
-    let mut on_wire = Vec::new();
-    for (i, cap) in captures.into_iter().enumerate() {
-        let file = cap.file.clone();
-        let total = cap.stop_and_count("").unwrap();
-        // The router's NAT has put the VIP back as the source: a reply on gateway i's wire
-        // from another gateway's VIP would have been routed by the bucket hash.
-        let own = count_in(&file, &format!("src host {}", topo::ingress_vip(i)));
-        on_wire.push((i, total, own));
-    }
+    // The router's NAT has put the VIP back as the source: a reply on gateway i's wire from
+    // another gateway's VIP would have been routed by the bucket hash.
+    let (answered, _conns, on_wire) = echo_through_every_gateway(&lab);
     eprintln!(
         "consistent mode, forwarded replies per gateway (index, packets, from its own VIP): {on_wire:?}"
     );

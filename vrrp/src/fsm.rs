@@ -539,9 +539,10 @@ impl Fsm {
                     // priority) is discarded; our next advert makes that router back off.
                     // But a second master means a partition just healed (or that router
                     // missed our adverts): it announced the VIPs, so the switch now sends
-                    // the VMAC's frames to it. Our adverts do not move them back (they are
-                    // sent from the interface's own MAC), so announce again, as keepalived
-                    // does on a lower-priority advert.
+                    // the VMAC's frames to it. Our IPv4 multicast adverts come from the VMAC
+                    // and move them back, but IPv6 and unicast adverts come from the parent's
+                    // MAC, and VIPs on other interfaces are never in an advert: announce again,
+                    // as keepalived does on a lower-priority advert.
                     let holdoff = (self.config.advert_interval * 2).max(RECLAIM_HOLDOFF_MIN);
                     if self.last_reclaim.is_none_or(|at| now >= at + holdoff) {
                         self.last_reclaim = Some(now);

@@ -477,12 +477,10 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
             .adver_timer
             .sync(r.timers.adver, Some(r.cfg.advert_interval))
         {
-            tracing::warn!(instance = %name, error = %e, "arming the advert timer failed");
-            r.status.last_error = Some(format!("advert timer: {e}"));
+            r.timer_failed("advert", e);
         }
         if let Err(e) = r.master_down_timer.sync(r.timers.master_down, None) {
-            tracing::warn!(instance = %name, error = %e, "arming the Master_Down timer failed");
-            r.status.last_error = Some(format!("Master_Down timer: {e}"));
+            r.timer_failed("Master_Down", e);
         }
         let t = &r.timers;
         let (handoff, garp_burst, garp_followup, garp_refresh) =
@@ -495,8 +493,7 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
             }
             res = r.master_down_timer.fired() => {
                 if let Err(e) = res {
-                    tracing::warn!(instance = %name, error = %e, "Master_Down timer failed");
-                    r.status.last_error = Some(format!("Master_Down timer: {e}"));
+                    r.timer_failed("Master_Down", e);
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 r.timers.master_down = None;
@@ -504,8 +501,7 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
             }
             res = r.adver_timer.fired() => {
                 if let Err(e) = res {
-                    tracing::warn!(instance = %name, error = %e, "advert timer failed");
-                    r.status.last_error = Some(format!("advert timer: {e}"));
+                    r.timer_failed("advert", e);
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 r.timers.adver_fired = r.timers.adver.take();
@@ -560,6 +556,13 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
 }
 
 impl Runner {
+    /// A timerfd call failed (practically impossible): logged and shown as the last error;
+    /// the loop goes on.
+    fn timer_failed(&mut self, timer: &str, e: std::io::Error) {
+        tracing::warn!(instance = %self.cfg.name, timer, error = %e, "VRRP timer failed");
+        self.status.last_error = Some(format!("{timer} timer: {e}"));
+    }
+
     fn now(&self) -> Duration {
         Instant::now().duration_since(self.start)
     }

@@ -85,11 +85,9 @@ pub struct Received {
 #[derive(Debug)]
 pub struct VrrpSocket {
     fd: AsyncFd<Socket>,
-    /// Socket on our VMAC when it sits on the advert interface, see `add_vmac_receiver`.
-    /// IPv4 multicast adverts are also sent through it.
-    vmac_rx: Option<AsyncFd<Socket>>,
-    /// The VMAC's ifindex while `vmac_rx` is set.
-    vmac_ifindex: u32,
+    /// Socket on our VMAC when it sits on the advert interface, and the VMAC's ifindex; see
+    /// `add_vmac_receiver`. IPv4 multicast adverts are also sent through it.
+    vmac: Option<(AsyncFd<Socket>, u32)>,
     interface: String,
     ifindex: u32,
     family: Family,
@@ -270,8 +268,7 @@ impl VrrpSocket {
         let fd = register(socket).map_err(sock_err(iface, "register with tokio"))?;
         Ok(VrrpSocket {
             fd,
-            vmac_rx: None,
-            vmac_ifindex: 0,
+            vmac: None,
             interface: iface.to_string(),
             ifindex: index,
             family: params.family,
@@ -296,8 +293,8 @@ impl VrrpSocket {
     pub fn add_vmac_receiver(&mut self, vmac_if: &str) -> Result<(), NetworkError> {
         let index = ifindex(vmac_if)?;
         let socket = raw_socket(vmac_if, index, self.family, true)?;
-        self.vmac_rx = Some(register(socket).map_err(sock_err(vmac_if, "register with tokio"))?);
-        self.vmac_ifindex = index;
+        let fd = register(socket).map_err(sock_err(vmac_if, "register with tokio"))?;
+        self.vmac = Some((fd, index));
         Ok(())
     }
 
@@ -315,9 +312,9 @@ impl VrrpSocket {
     /// is practically never full for one small advert every few ms; if it is, the send is
     /// retried a few times 1 ms apart, then reported (the next advert follows anyway).
     pub async fn send(&self, msg: &[u8], dst: IpAddr) -> Result<(), NetworkError> {
-        let (socket, ifindex, interface) = match (&self.vmac_rx, dst) {
-            (Some(vmac), IpAddr::V4(d)) if d.is_multicast() => {
-                (vmac.get_ref(), self.vmac_ifindex, "the VMAC")
+        let (socket, ifindex, interface) = match (&self.vmac, dst) {
+            (Some((vmac, index)), IpAddr::V4(d)) if d.is_multicast() => {
+                (vmac.get_ref(), *index, "the VMAC")
             }
             _ => (self.fd.get_ref(), self.ifindex, self.interface.as_str()),
         };
@@ -395,9 +392,9 @@ impl VrrpSocket {
     /// skipped; everything else is reported, valid or not, for the decoder to judge.
     pub async fn recv(&self, buf: &mut [u8]) -> Result<Received, NetworkError> {
         loop {
-            let ready = match &self.vmac_rx {
+            let ready = match &self.vmac {
                 None => self.fd.readable().await,
-                Some(vmac) => tokio::select! {
+                Some((vmac, _)) => tokio::select! {
                     g = self.fd.readable() => g,
                     g = vmac.readable() => g,
                 },
