@@ -45,10 +45,32 @@ pub struct StatusReport {
     pub components: BTreeMap<String, ComponentStatus>,
 }
 
-#[derive(Debug)]
 pub struct StatusBoard {
     daemon: RwLock<DaemonStatus>,
     components: RwLock<BTreeMap<String, ComponentStatus>>,
+    /// Called before every report, by component: brings values that change too often to be
+    /// pushed (the VRRP advert counters, 100 a second per instance) up to date on demand.
+    refreshers: RwLock<BTreeMap<String, Refresher>>,
+}
+
+/// See [`StatusBoard::set_refresher`].
+pub type Refresher = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for StatusBoard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let refreshers: Vec<String> = self
+            .refreshers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        f.debug_struct("StatusBoard")
+            .field("daemon", &self.daemon)
+            .field("components", &self.components)
+            .field("refreshers", &refreshers)
+            .finish()
+    }
 }
 
 impl StatusBoard {
@@ -63,7 +85,15 @@ impl StatusBoard {
                 last_reload_error: None,
             }),
             components: RwLock::new(BTreeMap::new()),
+            refreshers: RwLock::new(BTreeMap::new()),
         })
+    }
+
+    /// Makes every report first call `refresh`, which updates component `name`'s entry with
+    /// [`Self::set`] (it must not call `report` or `set_refresher`). Replaces an earlier one.
+    pub fn set_refresher(&self, name: &str, refresh: Refresher) {
+        let mut r = self.refreshers.write().unwrap_or_else(|p| p.into_inner());
+        r.insert(name.to_owned(), refresh);
     }
 
     pub fn set(&self, name: &str, status: ComponentStatus) {
@@ -84,6 +114,14 @@ impl StatusBoard {
     /// Ready once every running component has done its first reconcile. Components this
     /// build cannot run do not hold readiness back; they are listed as `not_built`.
     pub fn report(&self) -> StatusReport {
+        for refresh in self
+            .refreshers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            refresh();
+        }
         let components = self
             .components
             .read()
@@ -193,6 +231,33 @@ fn scalar(v: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn refreshers_update_their_entry_before_each_report() {
+        let board = StatusBoard::new("cfg.yaml".into(), 0.0);
+        let reads = Arc::new(AtomicU64::new(0));
+        let (b, r) = (Arc::downgrade(&board), reads.clone());
+        board.set_refresher(
+            "c",
+            Box::new(move || {
+                let n = r.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(b) = b.upgrade() {
+                    b.set(
+                        "c",
+                        ComponentStatus {
+                            state: ComponentState::Running,
+                            ready: true,
+                            detail: serde_json::json!({ "n": n }),
+                        },
+                    );
+                }
+            }),
+        );
+        assert_eq!(board.report().components["c"].detail["n"], 1);
+        assert_eq!(board.report().components["c"].detail["n"], 2);
+        assert_eq!(reads.load(Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn not_built_components_do_not_hold_readiness_back() {

@@ -170,7 +170,7 @@ fn link_cut_of_the_master_moves_the_vip_and_back() {
     wait_internet(&lab, "through router 0 again");
     assert_no_leak(&lab);
 
-    // /status counts the adverts (refreshed from the metrics every second): the master's
+    // /status counts the adverts (read from the metrics with each request): the master's
     // sent count grows and the backup has received them.
     let sent = |l: &Lab| instance(l, 0)["adverts_sent"].as_u64().unwrap_or(0);
     let before = sent(&lab);

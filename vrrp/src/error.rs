@@ -30,4 +30,12 @@ pub enum InstanceError {
         /// Cause.
         source: Box<VipError>,
     },
+    /// The instance's own thread or runtime could not be started (see `crate::spawn`).
+    #[error("VRRP instance {instance}: cannot start its thread: {source}")]
+    Thread {
+        /// Instance name.
+        instance: String,
+        /// Cause.
+        source: std::io::Error,
+    },
 }

@@ -332,13 +332,15 @@ impl Fsm {
 
     fn become_master(&mut self, reason: Reason, out: &mut Vec<Action>) {
         // RFC 5798 §6.4.1/§6.4.2: send an advert, broadcast gratuitous ARP, arm the Adver
-        // timer. The advert goes first so a backup resets its Master_Down timer before the
-        // address work.
+        // timer. The addresses come first, as keepalived adds them: the advert, sent from
+        // the VMAC, is what moves the switch's entry for the VMAC to us, and a client packet
+        // following it must find the VIP here. The other way round, packets that arrived in
+        // the ~0.3 ms between advert and address were dropped.
         out.push(Action::CancelTimers);
+        out.push(Action::AddVips);
         out.push(Action::SendAdvert {
             priority: self.effective_priority,
         });
-        out.push(Action::AddVips);
         out.push(Action::SendGratuitous);
         out.push(Action::ArmAdverTimer {
             after: self.config.advert_interval,
@@ -359,25 +361,32 @@ impl Fsm {
     /// Feeds one event at time `now`; returns the actions to perform, in order.
     pub fn handle(&mut self, event: Event, now: Duration) -> Vec<Action> {
         let mut out = Vec::new();
+        self.handle_into(event, now, &mut out);
+        out
+    }
+
+    /// [`Self::handle`], appending the actions to `out` (a steady master reuses one buffer
+    /// instead of allocating one per advert).
+    pub fn handle_into(&mut self, event: Event, now: Duration, out: &mut Vec<Action>) {
         if self.stopped {
-            return out;
+            return;
         }
         match event {
             Event::Startup { vips_present } => {
                 if self.state != State::Initialize {
-                    return out;
+                    return;
                 }
                 self.started_at = now;
                 self.master_adver_interval = self.config.advert_interval;
                 if self.config.priority == 255 {
-                    self.become_master(Reason::AddressOwner, &mut out);
+                    self.become_master(Reason::AddressOwner, out);
                 } else if vips_present {
-                    self.become_master(Reason::AdoptedVips, &mut out);
+                    self.become_master(Reason::AdoptedVips, out);
                 } else {
                     out.push(Action::ArmMasterDownTimer {
                         after: self.master_down_interval(),
                     });
-                    self.transition(State::Backup, Reason::Startup, &mut out);
+                    self.transition(State::Backup, Reason::Startup, out);
                 }
             }
             Event::Shutdown => match self.state {
@@ -395,7 +404,7 @@ impl Fsm {
                 State::Backup | State::Initialize => {
                     out.push(Action::CancelTimers);
                     if self.state != State::Initialize {
-                        self.transition(State::Initialize, Reason::Shutdown, &mut out);
+                        self.transition(State::Initialize, Reason::Shutdown, out);
                     }
                     self.stopped = true;
                     out.push(Action::Stopped);
@@ -405,10 +414,10 @@ impl Fsm {
                 priority,
                 max_adver_interval,
                 src,
-            } => self.on_advert(priority, max_adver_interval, src, now, &mut out),
+            } => self.on_advert(priority, max_adver_interval, src, now, out),
             Event::MasterDownTimerFired => {
                 if self.state == State::Backup {
-                    self.become_master(Reason::MasterDown, &mut out);
+                    self.become_master(Reason::MasterDown, out);
                 }
             }
             Event::AdverTimerFired => {
@@ -428,12 +437,12 @@ impl Fsm {
                     } else {
                         Reason::ShutdownTimeout
                     };
-                    self.finish_handoff(reason, &mut out);
+                    self.finish_handoff(reason, out);
                 }
             }
             Event::TrackChanged { healthy_count } => {
                 self.healthy_count = Some(healthy_count);
-                self.reprioritise(&mut out);
+                self.reprioritise(out);
             }
             Event::ConfigChanged { config } => {
                 let interval_changed = config.advert_interval != self.config.advert_interval;
@@ -442,13 +451,12 @@ impl Fsm {
                     self.master_adver_interval = self.config.advert_interval;
                 }
                 let before = self.effective_priority;
-                self.reprioritise(&mut out);
+                self.reprioritise(out);
                 if interval_changed && before == self.effective_priority {
-                    self.announce(&mut out);
+                    self.announce(out);
                 }
             }
         }
-        out
     }
 
     fn reprioritise(&mut self, out: &mut Vec<Action>) {

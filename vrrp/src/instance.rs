@@ -6,13 +6,16 @@
 //! `tokio::time::Instant`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::error::InstanceError;
 use crate::fsm::{Action, Event, Fsm, FsmConfig, State, Track};
@@ -20,6 +23,7 @@ use crate::gratuitous::GratuitousConfig;
 use crate::metrics::{InstanceLabel, ReasonLabels, VrrpMetrics};
 use crate::netlink::Netlink;
 use crate::network::{SocketParams, VrrpSocket};
+use crate::own_thread::Steady;
 use crate::packet::{self, Advertisement, ChecksumMode, DecodeContext, Family, Version};
 use crate::timer::KernelTimer;
 use crate::vip::{VipSet, VirtualIp};
@@ -312,6 +316,13 @@ struct EncodedAdverts {
 
 struct Runner {
     cfg: InstanceConfig,
+    /// An advert the steady loop could not finish (send buffer full): priority and the
+    /// first destination still to send to; `resume` sends it.
+    resume_send: Option<(u8, usize)>,
+    /// The steady loop's action buffer, reused for every advert.
+    actions: Vec<Action>,
+    /// Adverts that failed to send (each also set `status.last_error`).
+    send_failures: u64,
     advert_cache: Option<EncodedAdverts>,
     /// Fire at `timers.adver` and `timers.master_down` (kept in step before every wait).
     adver_timer: KernelTimer,
@@ -340,7 +351,20 @@ struct Runner {
 /// restart after kill -9 while master) adopts it (see `fsm` module doc). Errors while
 /// running (a failed VIP add, a send error) are logged, counted in `last_error`, and do not
 /// stop the instance; only setup errors are returned.
-pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), InstanceError> {
+///
+/// Runs cooperatively on whatever runtime polls it. [`crate::spawn`] runs it on a thread of
+/// its own instead, where a steady master costs less (see `own_thread`).
+pub async fn run(config: InstanceConfig, handles: RunHandles) -> Result<(), InstanceError> {
+    run_with(config, handles, None).await
+}
+
+/// [`run`]; with `own_thread` (the token that kills the instance, see
+/// [`crate::InstanceThread`]) a steady master waits outside the runtime, blocking the thread.
+pub(crate) async fn run_with(
+    config: InstanceConfig,
+    mut handles: RunHandles,
+    own_thread: Option<CancellationToken>,
+) -> Result<(), InstanceError> {
     let family = config.validate()?;
     let name = config.name.clone();
     let vip_addrs: Vec<IpAddr> = config.virtual_ips.iter().map(|v| v.addr).collect();
@@ -406,6 +430,9 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
     let adver_timer = timer()?;
     let master_down_timer = timer()?;
     let mut r = Runner {
+        resume_send: None,
+        actions: Vec::new(),
+        send_failures: 0,
         advert_cache: None,
         adver_timer,
         master_down_timer,
@@ -460,16 +487,26 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
         Version::V3 => None,
     };
     let mut buf = vec![0u8; 2048];
-    let mut shutdown_fed = false;
-    // The control inputs wait in futures that live across iterations: re-creating them for
-    // every advert registered and unregistered a waiter with each channel 100 times a second.
-    let shutdown = handles.shutdown.clone();
-    let cancelled = shutdown.cancelled();
-    tokio::pin!(cancelled);
-    let healthy_changed = changed_owned(Some(handles.healthy));
-    tokio::pin!(healthy_changed);
-    let reload_changed = changed_owned(handles.reload.take());
-    tokio::pin!(reload_changed);
+    let mut controls = Controls {
+        shutdown: Box::pin(handles.shutdown.clone().cancelled_owned()),
+        shutdown_fed: false,
+        kill: Box::pin(own_thread.clone().unwrap_or_default().cancelled_owned()),
+        healthy: Box::pin(changed_owned(Some(handles.healthy))),
+        reload: Box::pin(changed_owned(handles.reload.take())),
+    };
+    let steady = match own_thread {
+        Some(_) => match Steady::new(r.adver_timer.fd(), &r.socket.fds()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(instance = %name, error = %e, "VRRP: cannot set up the steady master's own wait; staying on the runtime");
+                None
+            }
+        },
+        None => None,
+    };
+    // False for one turn after the steady loop handed over something only the async loop
+    // sees (a packet, another timer): otherwise a readable socket would bounce between them.
+    let mut try_steady = true;
     loop {
         // A steady master re-arms the advert timer from when it was due, which is where the
         // kernel's periodic timer already stands: no system call then.
@@ -482,14 +519,38 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
         if let Err(e) = r.master_down_timer.sync(r.timers.master_down, None) {
             r.timer_failed("Master_Down", e);
         }
+        if let Some(steady) = steady
+            .as_ref()
+            .filter(|_| try_steady && !controls.shutdown_fed && r.steady_master())
+        {
+            match r.run_steady(steady, &mut controls) {
+                SteadyExit::Killed => return Ok(()),
+                SteadyExit::Event(ev) => {
+                    if let Some(ev) = ev {
+                        if r.feed(ev).await {
+                            return r.finish().await;
+                        }
+                    }
+                }
+                SteadyExit::Actions(rest) => {
+                    let stopped = r.resume(rest).await;
+                    r.publish();
+                    if stopped {
+                        return r.finish().await;
+                    }
+                }
+                SteadyExit::Look => try_steady = false,
+            }
+            continue;
+        }
+        try_steady = true;
         let t = &r.timers;
         let (handoff, garp_burst, garp_followup, garp_refresh) =
             (t.handoff, t.garp_burst, t.garp_followup, t.garp_refresh);
         let event = tokio::select! {
             biased;
-            () = &mut cancelled, if !shutdown_fed => {
-                shutdown_fed = true;
-                Some(Event::Shutdown)
+            () = &mut controls.shutdown, if !controls.shutdown_fed => {
+                Some(controls.shutdown_event())
             }
             res = r.master_down_timer.fired() => {
                 if let Err(e) = res {
@@ -535,14 +596,9 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
                 r.announce();
                 None
             }
-            mut rx = &mut healthy_changed => {
-                let healthy_count = *rx.borrow_and_update();
-                healthy_changed.set(changed_owned(Some(rx)));
-                Some(Event::TrackChanged { healthy_count })
-            }
-            mut rx = &mut reload_changed => {
-                let new = rx.borrow_and_update().clone();
-                reload_changed.set(changed_owned(Some(rx)));
+            rx = &mut controls.healthy => Some(controls.track_event(rx)),
+            rx = &mut controls.reload => {
+                let new = controls.reload_config(rx);
                 r.apply_reload(new)
             }
         };
@@ -554,6 +610,85 @@ pub async fn run(config: InstanceConfig, mut handles: RunHandles) -> Result<(), 
         r.timers.adver_fired = None;
     }
 }
+
+/// A change of a watched value, the receiver handed back with it (see [`changed_owned`]).
+type Change<T> = Pin<Box<dyn Future<Output = watch::Receiver<T>> + Send>>;
+
+/// The run loop's control inputs. They wait in futures that live across iterations
+/// (re-creating them for every advert registered and unregistered a waiter with each
+/// channel 100 times a second), polled by the async loop's `select!` and by the steady
+/// master's own wait alike.
+struct Controls {
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The shutdown was fed to the state machine (it then waits for the handover).
+    shutdown_fed: bool,
+    /// Stop at once (only on an own thread; never fires otherwise).
+    kill: Pin<Box<WaitForCancellationFutureOwned>>,
+    healthy: Change<usize>,
+    reload: Change<InstanceConfig>,
+}
+
+impl Controls {
+    fn shutdown_event(&mut self) -> Event {
+        self.shutdown_fed = true;
+        Event::Shutdown
+    }
+
+    fn track_event(&mut self, mut rx: watch::Receiver<usize>) -> Event {
+        let healthy_count = *rx.borrow_and_update();
+        self.healthy = Box::pin(changed_owned(Some(rx)));
+        Event::TrackChanged { healthy_count }
+    }
+
+    fn reload_config(&mut self, mut rx: watch::Receiver<InstanceConfig>) -> InstanceConfig {
+        let new = rx.borrow_and_update().clone();
+        self.reload = Box::pin(changed_owned(Some(rx)));
+        new
+    }
+
+    /// The first ready input, in the `select!`'s order (kill before everything).
+    fn poll_steady(&mut self, cx: &mut Context<'_>, r: &mut Runner) -> Poll<SteadyExit> {
+        if self.kill.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(SteadyExit::Killed);
+        }
+        if !self.shutdown_fed && self.shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(SteadyExit::Event(Some(self.shutdown_event())));
+        }
+        if let Poll::Ready(rx) = self.healthy.as_mut().poll(cx) {
+            return Poll::Ready(SteadyExit::Event(Some(self.track_event(rx))));
+        }
+        if let Poll::Ready(rx) = self.reload.as_mut().poll(cx) {
+            let new = self.reload_config(rx);
+            return Poll::Ready(SteadyExit::Event(r.apply_reload(new)));
+        }
+        Poll::Pending
+    }
+}
+
+/// Why the steady master's loop gave control back.
+enum SteadyExit {
+    /// Killed: return at once.
+    Killed,
+    /// A control input is ready: feed its event (if it makes one).
+    Event(Option<Event>),
+    /// An advert-timer event's actions that need the runtime (a VIP change, or a send that
+    /// found the buffer full: see `Runner::resume_send`), in order.
+    Actions(Vec<Action>),
+    /// Something only the async loop handles: a packet, another timer's deadline, a failed
+    /// wait, or just a turn for the runtime's other tasks.
+    Look,
+}
+
+/// The longest the steady loop keeps the runtime waiting. Its other tasks (the netlink
+/// connection) only ever have work while the async loop awaits them, so this is a safety
+/// net; each turn costs about one advert's worth of CPU.
+const STEADY_YIELD: Duration = Duration::from_secs(5);
+
+/// How often an advert is tried again, 1 ms apart, when the socket's buffer is full. A raw
+/// socket's buffer is practically never full for one small advert every few ms; if it is
+/// for longer, the advert to that destination is reported and skipped (the next follows
+/// anyway).
+const SEND_RETRIES: u32 = 5;
 
 impl Runner {
     /// A timerfd call failed (practically impossible): logged and shown as the last error;
@@ -653,41 +788,48 @@ impl Runner {
         }
     }
 
-    async fn send_advert(&mut self, priority: u8) {
+    /// Builds the adverts for `priority` unless the cached ones are still right.
+    fn encode_adverts(&mut self, priority: u8) {
         let adver_int = Advertisement::adver_int_field(self.cfg.version, self.cfg.advert_interval);
         let key = (priority, adver_int);
-        if self.advert_cache.as_ref().is_none_or(|c| c.key != key) {
-            let adv = Advertisement {
-                version: self.cfg.version,
-                vrid: self.cfg.vrid,
-                priority,
-                adver_int,
-                addresses: self.vip_addrs.clone(),
-            };
-            let src = self.socket.source();
-            let messages = self
-                .socket
-                .destinations()
-                .iter()
-                .map(|&dst| {
-                    let bytes = adv
-                        .encode(src, dst, self.cfg.checksum_mode)
-                        .map_err(|e| e.to_string());
-                    (dst, bytes)
-                })
-                .collect();
-            self.advert_cache = Some(EncodedAdverts { key, messages });
-        }
-        let Some(cache) = &self.advert_cache else {
+        if self.advert_cache.as_ref().is_some_and(|c| c.key == key) {
             return;
+        }
+        let adv = Advertisement {
+            version: self.cfg.version,
+            vrid: self.cfg.vrid,
+            priority,
+            adver_int,
+            addresses: self.vip_addrs.clone(),
         };
-        for (dst, bytes) in &cache.messages {
+        let src = self.socket.source();
+        let messages = self
+            .socket
+            .destinations()
+            .iter()
+            .map(|&dst| {
+                let bytes = adv
+                    .encode(src, dst, self.cfg.checksum_mode)
+                    .map_err(|e| e.to_string());
+                (dst, bytes)
+            })
+            .collect();
+        self.advert_cache = Some(EncodedAdverts { key, messages });
+    }
+
+    /// Sends the advert to the destinations from index `from` on, without waiting. Err(i):
+    /// destination i found the send buffer full; it and the ones after it are still to send.
+    fn send_advert_now(&mut self, priority: u8, from: usize) -> Result<(), usize> {
+        self.encode_adverts(priority);
+        let Some(cache) = &self.advert_cache else {
+            return Ok(());
+        };
+        for (i, (dst, bytes)) in cache.messages.iter().enumerate().skip(from) {
             let res = match bytes {
-                Ok(bytes) => self
-                    .socket
-                    .send(bytes, *dst)
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok(bytes) => match self.socket.try_send(bytes, *dst) {
+                    Err(e) if e.would_block() => return Err(i),
+                    r => r.map_err(|e| e.to_string()),
+                },
                 Err(e) => Err(e.clone()),
             };
             match res {
@@ -697,19 +839,52 @@ impl Runner {
                 Err(e) => {
                     tracing::debug!(instance = %self.cfg.name, %dst, error = %e, "VRRP advert not sent");
                     self.status.last_error = Some(e);
+                    self.send_failures += 1;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Sends the advert to the destinations from index `from` on; a full send buffer is
+    /// waited out `SEND_RETRIES` times 1 ms apart, then that destination is skipped.
+    async fn send_advert(&mut self, priority: u8, mut from: usize) {
+        let mut tries = 0;
+        while let Err(blocked) = self.send_advert_now(priority, from) {
+            if tries < SEND_RETRIES {
+                tries += 1;
+                from = blocked;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            let dst = self.socket.destinations().get(blocked).copied();
+            tracing::debug!(instance = %self.cfg.name, ?dst, "VRRP advert not sent: send buffer full");
+            self.status.last_error = Some(format!(
+                "advert to {} not sent: the socket's send buffer stayed full",
+                dst.map_or_else(|| "?".to_string(), |d| d.to_string())
+            ));
+            tries = 0;
+            from = blocked + 1;
         }
     }
 
     /// Feeds an event and performs the actions; true once the instance stopped.
     async fn feed(&mut self, event: Event) -> bool {
-        let now = self.now();
-        let actions = self.fsm.handle(event, now);
+        let actions = self.fsm.handle(event, self.now());
+        let stopped = self.perform(actions).await;
+        self.publish();
+        stopped
+    }
+
+    /// Performs actions in order; true once the instance stopped.
+    async fn perform(&mut self, actions: Vec<Action>) -> bool {
         let mut stopped = false;
         for action in actions {
+            let Err(action) = self.perform_now(action) else {
+                continue;
+            };
             match action {
-                Action::SendAdvert { priority } => self.send_advert(priority).await,
+                Action::SendAdvert { priority } => self.send_advert(priority, 0).await,
                 Action::AddVips => {
                     if let Err(e) = self.vips.add_all().await {
                         tracing::error!(instance = %self.cfg.name, error = %e, "adding VIPs failed");
@@ -725,74 +900,200 @@ impl Runner {
                     self.timers.garp_followup = None;
                     self.timers.garp_refresh = None;
                 }
-                Action::SendGratuitous => {
-                    self.announce();
-                    let g = self.cfg.gratuitous;
-                    self.timers.garp_burst = g.second_burst_after.map(|d| Instant::now() + d);
-                    self.timers.garp_followup = Some(Instant::now() + self.cfg.advert_interval);
-                    self.timers.garp_refresh = g.refresh.map(|d| Instant::now() + d);
-                }
-                Action::ArmAdverTimer { after } => {
-                    // Re-arming after a periodic advert counts from when it was due, not
-                    // from now: otherwise every wake-up's latency adds to the interval and
-                    // at 10 ms adverts the drift eats into the backups' Master_Down margin.
-                    let now = Instant::now();
-                    let base = self
-                        .timers
-                        .adver_fired
-                        .take()
-                        .filter(|due| now.saturating_duration_since(*due) < after)
-                        .unwrap_or(now);
-                    self.timers.adver = Some(base + after)
-                }
-                Action::ArmMasterDownTimer { after } => {
-                    self.timers.master_down = Some(Instant::now() + after)
-                }
-                Action::ArmHandoffTimer { after } => {
-                    self.timers.handoff = Some(Instant::now() + after)
-                }
-                Action::CancelTimers => {
-                    self.timers.adver = None;
-                    self.timers.master_down = None;
-                    self.timers.handoff = None;
-                }
-                Action::StateChanged { from, to, reason } => {
-                    tracing::info!(
-                        instance = %self.cfg.name,
-                        from = from.as_str(),
-                        to = to.as_str(),
-                        reason = reason.as_str(),
-                        priority = self.fsm.effective_priority(),
-                        master = ?self.fsm.master_addr(),
-                        "VRRP state change"
-                    );
-                    let unix = self
-                        .wall_start
-                        .checked_add(now)
-                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                        .map(|d| d.as_secs_f64());
-                    self.status.transitions += 1;
-                    self.status.last_transition_unix = unix;
-                    self.status.last_transition_reason = Some(reason.as_str().to_string());
-                    self.metrics.transitions.get_or_create(&self.label).inc();
-                    if let Some(u) = unix {
-                        self.metrics
-                            .last_transition
-                            .get_or_create(&self.label)
-                            .set(u);
-                    }
-                    self.metrics.set_state(&self.cfg.name, to);
-                    if to != State::Master {
-                        self.timers.garp_burst = None;
-                        self.timers.garp_followup = None;
-                        self.timers.garp_refresh = None;
-                    }
-                }
                 Action::Stopped => stopped = true,
+                // perform_now did the rest.
+                _ => {}
             }
         }
-        self.publish();
         stopped
+    }
+
+    /// Finishes what the steady loop handed over: the rest of an interrupted advert, then
+    /// the remaining actions. True once the instance stopped.
+    async fn resume(&mut self, rest: Vec<Action>) -> bool {
+        if let Some((priority, from)) = self.resume_send.take() {
+            self.send_advert(priority, from).await;
+        }
+        self.perform(rest).await
+    }
+
+    /// Performs an action that needs no waiting; gives back the others (sending adverts,
+    /// VIP changes, `Stopped`).
+    fn perform_now(&mut self, action: Action) -> Result<(), Action> {
+        match action {
+            Action::SendAdvert { .. } | Action::AddVips | Action::RemoveVips | Action::Stopped => {
+                return Err(action)
+            }
+            Action::SendGratuitous => {
+                self.announce();
+                let g = self.cfg.gratuitous;
+                self.timers.garp_burst = g.second_burst_after.map(|d| Instant::now() + d);
+                self.timers.garp_followup = Some(Instant::now() + self.cfg.advert_interval);
+                self.timers.garp_refresh = g.refresh.map(|d| Instant::now() + d);
+            }
+            Action::ArmAdverTimer { after } => {
+                // Re-arming after a periodic advert counts from when it was due, not from
+                // now: otherwise every wake-up's latency adds to the interval and at 10 ms
+                // adverts the drift eats into the backups' Master_Down margin.
+                let now = Instant::now();
+                let base = self
+                    .timers
+                    .adver_fired
+                    .take()
+                    .filter(|due| now.saturating_duration_since(*due) < after)
+                    .unwrap_or(now);
+                self.timers.adver = Some(base + after)
+            }
+            Action::ArmMasterDownTimer { after } => {
+                self.timers.master_down = Some(Instant::now() + after)
+            }
+            Action::ArmHandoffTimer { after } => self.timers.handoff = Some(Instant::now() + after),
+            Action::CancelTimers => {
+                self.timers.adver = None;
+                self.timers.master_down = None;
+                self.timers.handoff = None;
+            }
+            Action::StateChanged { from, to, reason } => {
+                tracing::info!(
+                    instance = %self.cfg.name,
+                    from = from.as_str(),
+                    to = to.as_str(),
+                    reason = reason.as_str(),
+                    priority = self.fsm.effective_priority(),
+                    master = ?self.fsm.master_addr(),
+                    "VRRP state change"
+                );
+                let unix = self
+                    .wall_start
+                    .checked_add(self.now())
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                    .map(|d| d.as_secs_f64());
+                self.status.transitions += 1;
+                self.status.last_transition_unix = unix;
+                self.status.last_transition_reason = Some(reason.as_str().to_string());
+                self.metrics.transitions.get_or_create(&self.label).inc();
+                if let Some(u) = unix {
+                    self.metrics
+                        .last_transition
+                        .get_or_create(&self.label)
+                        .set(u);
+                }
+                self.metrics.set_state(&self.cfg.name, to);
+                if to != State::Master {
+                    self.timers.garp_burst = None;
+                    self.timers.garp_followup = None;
+                    self.timers.garp_refresh = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Master with nothing pending but the next advert: the steady loop's precondition.
+    fn steady_master(&self) -> bool {
+        self.fsm.state() == State::Master
+            && self.timers.adver.is_some()
+            && self.timers.master_down.is_none()
+            && self.timers.handoff.is_none()
+    }
+
+    /// The steady master's loop off the runtime (see `own_thread`): sends adverts as the
+    /// timer fires and returns as soon as anything else needs attention.
+    fn run_steady(&mut self, steady: &Steady, controls: &mut Controls) -> SteadyExit {
+        let mut cx = Context::from_waker(steady.waker());
+        let mut woken = true;
+        loop {
+            if woken {
+                if let Poll::Ready(exit) = controls.poll_steady(&mut cx, self) {
+                    return exit;
+                }
+            }
+            let t = &self.timers;
+            let timeout = [t.garp_burst, t.garp_followup, t.garp_refresh]
+                .into_iter()
+                .flatten()
+                .min()
+                .map_or(STEADY_YIELD, |d| {
+                    d.saturating_duration_since(Instant::now())
+                        .min(STEADY_YIELD)
+                });
+            if timeout.is_zero() {
+                return SteadyExit::Look;
+            }
+            let ready = match steady.wait(timeout) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    tracing::warn!(instance = %self.cfg.name, error = %e, "VRRP steady wait failed");
+                    return SteadyExit::Look;
+                }
+            };
+            woken = ready.woken;
+            if ready.timer {
+                match self.adver_timer.try_fired() {
+                    Ok(true) => {
+                        self.timers.adver_fired = self.timers.adver.take();
+                        let failures_before = self.send_failures;
+                        let mut actions = std::mem::take(&mut self.actions);
+                        self.fsm
+                            .handle_into(Event::AdverTimerFired, self.now(), &mut actions);
+                        let rest = self.perform_steady(&mut actions);
+                        self.actions = actions;
+                        self.timers.adver_fired = None;
+                        if !rest.is_empty() || self.resume_send.is_some() {
+                            return SteadyExit::Actions(rest);
+                        }
+                        // A routine advert changes no status field (the counters are in
+                        // the metrics); only a failed send or a state machine surprise needs
+                        // the comparison `publish` makes.
+                        if self.send_failures != failures_before
+                            || self.status.state != self.fsm.state()
+                            || self.status.effective_priority != self.fsm.effective_priority()
+                        {
+                            self.publish();
+                        }
+                        if !self.steady_master() {
+                            return SteadyExit::Look;
+                        }
+                        let interval = Some(self.cfg.advert_interval);
+                        if let Err(e) = self.adver_timer.sync(self.timers.adver, interval) {
+                            self.timer_failed("advert", e);
+                            return SteadyExit::Look;
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.timer_failed("advert", e);
+                        return SteadyExit::Look;
+                    }
+                }
+            }
+            if ready.socket || !(ready.timer || ready.woken) {
+                return SteadyExit::Look;
+            }
+        }
+    }
+
+    /// Performs the actions that need no waiting, in order, up to the first that does; gives
+    /// back that one and the rest. A send that finds the buffer full leaves its remainder in
+    /// `resume_send`.
+    fn perform_steady(&mut self, actions: &mut Vec<Action>) -> Vec<Action> {
+        let mut actions = actions.drain(..);
+        while let Some(action) = actions.next() {
+            let action = match action {
+                Action::SendAdvert { priority } => match self.send_advert_now(priority, 0) {
+                    Ok(()) => continue,
+                    Err(blocked) => {
+                        self.resume_send = Some((priority, blocked));
+                        return actions.collect();
+                    }
+                },
+                other => other,
+            };
+            if let Err(action) = self.perform_now(action) {
+                return std::iter::once(action).chain(actions).collect();
+            }
+        }
+        Vec::new()
     }
 
     fn publish(&mut self) {

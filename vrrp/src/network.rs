@@ -14,7 +14,8 @@
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
@@ -59,6 +60,13 @@ pub enum NetworkError {
     Timer(std::io::Error),
 }
 
+impl NetworkError {
+    /// A send found the socket's buffer full (retrying later can succeed).
+    pub fn would_block(&self) -> bool {
+        matches!(self, NetworkError::Socket { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
 /// Where and how to open the advert socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketParams {
@@ -85,14 +93,16 @@ pub struct Received {
 #[derive(Debug)]
 pub struct VrrpSocket {
     fd: AsyncFd<Socket>,
-    /// Socket on our VMAC when it sits on the advert interface, and the VMAC's ifindex; see
+    /// Socket on our VMAC when it sits on the advert interface; see
     /// `add_vmac_receiver`. IPv4 multicast adverts are also sent through it.
-    vmac: Option<(AsyncFd<Socket>, u32)>,
+    vmac: Option<AsyncFd<Socket>>,
     interface: String,
     ifindex: u32,
     family: Family,
     source: IpAddr,
     destinations: Vec<IpAddr>,
+    /// Identification of the next IPv4 advert.
+    ip_id: AtomicU16,
 }
 
 fn sock_err<'a>(
@@ -106,10 +116,8 @@ fn sock_err<'a>(
     }
 }
 
-const SEND_RETRIES: u32 = 5;
-
 /// Hands a socket to tokio's reactor, for reading only: adverts are sent without waiting
-/// for writability (see [`VrrpSocket::send`]), and a write interest would wake the runtime
+/// for writability (see [`VrrpSocket::try_send`]), and a write interest would wake the runtime
 /// once more after every send (the send buffer's edge), doubling the idle master's wake-ups
 /// at 10 ms adverts.
 #[allow(unsafe_code)]
@@ -197,6 +205,10 @@ fn raw_socket(iface: &str, index: u32, family: Family, join: bool) -> Result<Soc
         .map_err(sock_err(iface, "SO_BINDTODEVICE"))?;
     match family {
         Family::V4 => {
+            // Adverts are sent with our own IPv4 header (see `VrrpSocket::send_now`).
+            socket
+                .set_header_included_v4(true)
+                .map_err(sock_err(iface, "IP_HDRINCL"))?;
             socket
                 .set_ttl_v4(u32::from(REQUIRED_TTL))
                 .map_err(sock_err(iface, "IP_TTL"))?;
@@ -274,6 +286,7 @@ impl VrrpSocket {
             family: params.family,
             source,
             destinations,
+            ip_id: AtomicU16::new(1),
         })
     }
 
@@ -294,7 +307,7 @@ impl VrrpSocket {
         let index = ifindex(vmac_if)?;
         let socket = raw_socket(vmac_if, index, self.family, true)?;
         let fd = register(socket).map_err(sock_err(vmac_if, "register with tokio"))?;
-        self.vmac = Some((fd, index));
+        self.vmac = Some(fd);
         Ok(())
     }
 
@@ -308,56 +321,43 @@ impl VrrpSocket {
         &self.destinations
     }
 
-    /// Sends one VRRP message to `dst` from our primary address. A raw socket's send buffer
-    /// is practically never full for one small advert every few ms; if it is, the send is
-    /// retried a few times 1 ms apart, then reported (the next advert follows anyway).
-    pub async fn send(&self, msg: &[u8], dst: IpAddr) -> Result<(), NetworkError> {
-        let (socket, ifindex, interface) = match (&self.vmac, dst) {
-            (Some((vmac, index)), IpAddr::V4(d)) if d.is_multicast() => {
-                (vmac.get_ref(), *index, "the VMAC")
-            }
-            _ => (self.fd.get_ref(), self.ifindex, self.interface.as_str()),
+    /// Sends one VRRP message to `dst` from our primary address, without waiting: a full
+    /// send buffer gives `WouldBlock` (the caller decides whether to wait; see
+    /// `instance::Runner::send_advert`). IPv4 multicast goes out through the VMAC when there
+    /// is one.
+    pub fn try_send(&self, msg: &[u8], dst: IpAddr) -> Result<(), NetworkError> {
+        let (socket, interface) = match (&self.vmac, dst) {
+            (Some(vmac), IpAddr::V4(d)) if d.is_multicast() => (vmac.get_ref(), "the VMAC"),
+            _ => (self.fd.get_ref(), self.interface.as_str()),
         };
-        let mut tries = 0;
-        loop {
-            match self.send_now(socket, ifindex, msg, dst) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < SEND_RETRIES => {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
-                r => return r.map_err(sock_err(interface, "sendmsg advert")),
-            }
-        }
+        self.send_now(socket, msg, dst)
+            .map_err(sock_err(interface, "sendmsg advert"))
     }
 
-    fn send_now(
-        &self,
-        socket: &Socket,
-        ifindex: u32,
-        msg: &[u8],
-        dst: IpAddr,
-    ) -> std::io::Result<()> {
-        let iov = [IoSlice::new(msg)];
+    /// The receiving sockets, for a loop that waits on them without the runtime.
+    pub(crate) fn fds(&self) -> Vec<BorrowedFd<'_>> {
+        std::iter::once(self.fd.get_ref().as_fd())
+            .chain(self.vmac.as_ref().map(|v| v.get_ref().as_fd()))
+            .collect()
+    }
+
+    fn send_now(&self, socket: &Socket, msg: &[u8], dst: IpAddr) -> std::io::Result<()> {
         let raw = socket.as_raw_fd();
         let sent = match (self.source, dst) {
             (IpAddr::V4(src), IpAddr::V4(dst)) => {
-                let info = libc::in_pktinfo {
-                    ipi_ifindex: ifindex as i32,
-                    ipi_spec_dst: libc::in_addr {
-                        s_addr: u32::from(src).to_be(),
-                    },
-                    ipi_addr: libc::in_addr { s_addr: 0 },
-                };
+                // IPv4 sockets are IP_HDRINCL, as keepalived's are: the kernel then neither
+                // builds the header nor picks an identification or checks the source (an
+                // IP_PKTINFO per advert), which was a tenth of the idle master's kernel time.
+                // The socket is bound to its interface, which routes the packet as
+                // IP_PKTINFO's ifindex did; the kernel fills in length and checksum.
+                let id = self.ip_id.fetch_add(1, Ordering::Relaxed);
+                let header = ipv4_header(src, dst, id);
+                let iov = [IoSlice::new(&header), IoSlice::new(msg)];
                 let to = SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
-                sendmsg(
-                    raw,
-                    &iov,
-                    &[ControlMessage::Ipv4PacketInfo(&info)],
-                    MsgFlags::empty(),
-                    Some(&to),
-                )
+                sendmsg(raw, &iov, &[], MsgFlags::empty(), Some(&to))
             }
             (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let iov = [IoSlice::new(msg)];
                 let info = libc::in6_pktinfo {
                     ipi6_addr: libc::in6_addr {
                         s6_addr: src.octets(),
@@ -394,7 +394,7 @@ impl VrrpSocket {
         loop {
             let ready = match &self.vmac {
                 None => self.fd.readable().await,
-                Some((vmac, _)) => tokio::select! {
+                Some(vmac) => tokio::select! {
                     g = self.fd.readable() => g,
                     g = vmac.readable() => g,
                 },
@@ -464,6 +464,25 @@ impl VrrpSocket {
     }
 }
 
+/// Type of service of our IPv4 adverts: precedence 6, internetwork control (DSCP CS6, the
+/// class RFC 4594 gives routing protocols), as keepalived sends them.
+const TOS_NETWORK_CONTROL: u8 = 0xc0;
+
+/// The IPv4 header of an advert from `src` to `dst`: TTL 255, protocol 112, don't fragment;
+/// total length and checksum are left to the kernel (IP_HDRINCL fills them in).
+fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, id: u16) -> [u8; 20] {
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[1] = TOS_NETWORK_CONTROL;
+    h[4..6].copy_from_slice(&id.to_be_bytes());
+    h[6] = 0x40;
+    h[8] = REQUIRED_TTL;
+    h[9] = IPPROTO_VRRP;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    h
+}
+
 /// Splits an IPv4 packet as delivered by a raw socket into header facts and payload range.
 /// Returns None for anything that is not a whole IPv4 header of protocol 112.
 pub fn parse_ipv4(pkt: &[u8]) -> Option<Received> {
@@ -499,6 +518,24 @@ pub fn parse_ipv4(pkt: &[u8]) -> Option<Received> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_header_is_an_advert_header_the_receiver_accepts() {
+        let src = Ipv4Addr::new(192, 168, 28, 1);
+        let h = ipv4_header(src, MULTICAST_V4, 0x1234);
+        // A whole header with our message behind it parses back to the same facts.
+        let mut pkt = h.to_vec();
+        pkt[2..4].copy_from_slice(&28u16.to_be_bytes());
+        pkt.extend_from_slice(&[0u8; 8]);
+        let rx = parse_ipv4(&pkt).expect("not parsed as VRRP");
+        assert_eq!(rx.meta.src, IpAddr::V4(src));
+        assert_eq!(rx.meta.dst, IpAddr::V4(MULTICAST_V4));
+        assert_eq!(rx.meta.ttl, REQUIRED_TTL);
+        assert_eq!(rx.payload, 20..28);
+        assert_eq!(&h[4..6], &[0x12, 0x34], "identification");
+        assert_eq!(h[1], 0xc0, "TOS: internetwork control");
+        assert_eq!(h[6] & 0x40, 0x40, "don't fragment");
+    }
 
     #[test]
     fn ipv4_header_is_parsed_without_panics() {

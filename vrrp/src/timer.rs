@@ -94,29 +94,14 @@ impl KernelTimer {
         }
         loop {
             let mut guard = self.fd.readable().await?;
-            let mut count = [0u8; 8];
-            match guard.try_io(|fd| {
-                nix::unistd::read(fd.get_ref().0.as_fd(), &mut count).map_err(io::Error::from)
-            }) {
-                Ok(Ok(8)) => {
+            match guard.try_io(|fd| read_expiries(&fd.get_ref().0)) {
+                Ok(Ok(n)) => {
                     // Reading reset the count: the fd is quiet until the next expiry, whose
                     // edge the reactor sees afresh. Clearing now saves a read that would
                     // only say EAGAIN on the next wait.
                     guard.clear_ready();
-                    let n = u32::try_from(u64::from_ne_bytes(count)).unwrap_or(u32::MAX);
-                    match self.armed {
-                        Some((next, Some(period))) => {
-                            self.armed = Some((next + period.saturating_mul(n), Some(period)));
-                        }
-                        // A one-shot timer is spent.
-                        _ => self.armed = None,
-                    }
+                    self.expired(n);
                     return Ok(());
-                }
-                Ok(Ok(n)) => {
-                    return Err(io::Error::other(format!(
-                        "timerfd read returned {n} bytes, expected 8"
-                    )))
                 }
                 Ok(Err(e)) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
                 Ok(Err(e)) => return Err(e),
@@ -124,6 +109,49 @@ impl KernelTimer {
                 Err(_would_block) => continue,
             }
         }
+    }
+
+    /// The expiry test without the runtime, for a loop that waits on [`Self::fd`] itself:
+    /// true if the timer fired since the last read (several expiries count as one).
+    pub(crate) fn try_fired(&mut self) -> io::Result<bool> {
+        loop {
+            match read_expiries(&self.fd.get_ref().0) {
+                Ok(n) => {
+                    self.expired(n);
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The timerfd, readable when the timer fired.
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.get_ref().0.as_fd()
+    }
+
+    /// Moves the next expiry on past `n` periods, or marks a one-shot timer spent.
+    fn expired(&mut self, n: u64) {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        match self.armed {
+            Some((next, Some(period))) => {
+                self.armed = Some((next + period.saturating_mul(n), Some(period)));
+            }
+            _ => self.armed = None,
+        }
+    }
+}
+
+/// Reads (and so resets) the expiry count; WouldBlock while the timer has not fired.
+fn read_expiries(fd: &TimerFd) -> io::Result<u64> {
+    let mut count = [0u8; 8];
+    match nix::unistd::read(fd.as_fd(), &mut count).map_err(io::Error::from)? {
+        8 => Ok(u64::from_ne_bytes(count)),
+        n => Err(io::Error::other(format!(
+            "timerfd read returned {n} bytes, expected 8"
+        ))),
     }
 }
 
@@ -198,6 +226,30 @@ mod tests {
             "the missed expiries were not skipped: next {:?} after first",
             next - first
         );
+    }
+
+    #[tokio::test]
+    async fn try_fired_reads_without_waiting_and_keeps_the_schedule() {
+        let mut t = KernelTimer::new().unwrap();
+        assert!(!t.try_fired().unwrap(), "a disarmed timer fired");
+        let period = Duration::from_millis(10);
+        let first = Instant::now() + Duration::from_millis(5);
+        t.sync(Some(first), Some(period)).unwrap();
+        assert!(!t.try_fired().unwrap(), "fired before its first expiry");
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(t.try_fired().unwrap());
+        let (next, _) = t.armed.unwrap();
+        assert!(
+            next > Instant::now(),
+            "the next expiry is not in the future"
+        );
+        // The expiries were read: nothing more until the next one.
+        assert!(!t.try_fired().unwrap());
+        // The kernel timer still fires where `armed` says: sync with it is free and the async
+        // wait sees the next expiry.
+        t.sync(Some(next), Some(period)).unwrap();
+        t.fired().await.unwrap();
+        assert!(Instant::now() >= next);
     }
 
     #[tokio::test]

@@ -126,7 +126,9 @@ impl Drop for Lab {
     }
 }
 
-/// One of our instances on its own thread inside a namespace.
+/// One of our instances inside a namespace: on the thread `vrrp::spawn` gives it (as the
+/// daemon runs it, with the steady master's own wait), or cooperatively on a runtime
+/// (`vrrp::run`).
 struct Ours {
     name: String,
     metrics: VrrpMetrics,
@@ -138,6 +140,15 @@ struct Ours {
 
 impl Ours {
     fn start(ns: &str, cfg: InstanceConfig) -> Ours {
+        Ours::start_with(ns, cfg, false)
+    }
+
+    /// With `vrrp::run` on a current-thread runtime instead of `vrrp::spawn`.
+    fn start_cooperative(ns: &str, cfg: InstanceConfig) -> Ours {
+        Ours::start_with(ns, cfg, true)
+    }
+
+    fn start_with(ns: &str, cfg: InstanceConfig, cooperative: bool) -> Ours {
         let (status_tx, status) = watch::channel(InstanceStatus::new(&cfg.name));
         let name = cfg.name.clone();
         let metrics = VrrpMetrics::new();
@@ -147,6 +158,7 @@ impl Ours {
         let (sd, kl, ns) = (shutdown.clone(), kill.clone(), ns.to_string());
         let thread = std::thread::spawn(move || {
             let f = File::open(format!("/var/run/netns/{ns}")).map_err(|e| e.to_string())?;
+            // Threads started from here (`vrrp::spawn`'s) inherit the namespace.
             nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| e.to_string())?;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -154,18 +166,28 @@ impl Ours {
                 .build()
                 .map_err(|e| e.to_string())?;
             let (_healthy_tx, healthy) = watch::channel(1usize);
+            let handles = RunHandles {
+                healthy,
+                shutdown: sd,
+                status: status_tx,
+                metrics: m,
+                reload: None,
+                wall_clock_at_start: SystemTime::now(),
+            };
+            if cooperative {
+                return rt.block_on(async move {
+                    tokio::select! {
+                        r = vrrp::run(cfg, handles) => r.map_err(|e| e.to_string()),
+                        // kill -9: stop without any cleanup.
+                        _ = kl.cancelled() => Ok(()),
+                    }
+                });
+            }
+            let mut instance = vrrp::spawn(cfg, handles).map_err(|e| e.to_string())?;
             rt.block_on(async move {
-                let handles = RunHandles {
-                    healthy,
-                    shutdown: sd,
-                    status: status_tx,
-                    metrics: m,
-                    reload: None,
-                    wall_clock_at_start: SystemTime::now(),
-                };
                 tokio::select! {
-                    r = vrrp::run(cfg, handles) => r.map_err(|e| e.to_string()),
-                    // kill -9: stop without any cleanup.
+                    r = instance.wait() => r.map_err(|e| e.to_string()),
+                    // kill -9: dropping the handle stops it without any cleanup.
                     _ = kl.cancelled() => Ok(()),
                 }
             })
@@ -366,7 +388,9 @@ fn preempt_off_keeps_lower_master_and_unicast_works() {
     let lab = Lab::new();
     let mut lo = cfg("r", 100, 100);
     lo.unicast_peers = vec!["192.168.28.1".parse().unwrap()];
-    let b = Ours::start(&lab.ns("b"), lo);
+    // The one master here that runs cooperatively on a runtime (`vrrp::run`): every other
+    // test's instances run as the daemon runs them, each on its own thread.
+    let b = Ours::start_cooperative(&lab.ns("b"), lo);
     b.wait_state(State::Master, Duration::from_secs(2));
     let mut hi = cfg("r", 150, 100);
     hi.preempt = false;

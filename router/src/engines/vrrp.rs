@@ -29,12 +29,6 @@ use crate::status::{ComponentState, ComponentStatus, StatusBoard};
 /// before it is tried again.
 const SETUP_RETRY: Duration = Duration::from_secs(5);
 
-/// How often the advert counters in `/status` are refreshed from the metrics. The runner
-/// publishes a status change only when state, priority, master or an error changes: at
-/// 10 ms adverts a change per advert woke this task 100 times a second (and serialised
-/// `/status`), which cost more than the protocol itself.
-const COUNTERS_EVERY: Duration = Duration::from_secs(1);
-
 /// The VRRP instances of the daemon.
 #[derive(Debug)]
 pub(super) struct VrrpEngine {
@@ -44,54 +38,6 @@ pub(super) struct VrrpEngine {
     /// an instance of the same name added back before they finished.
     stopping: Vec<(String, JoinHandle<()>)>,
     view: Option<Arc<View>>,
-    thread: VrrpThread,
-}
-
-/// The thread the instances run on: a current-thread runtime of their own. At 10 ms adverts
-/// an instance wakes 100 times a second; on the daemon's shared multi-thread runtime each
-/// wake-up hopped between worker threads (futex wake-ups dominated the idle master's CPU),
-/// and any long task elsewhere (an IPVS reconcile, a big /status) could delay an advert.
-/// Here timer, socket and status mirroring stay on one thread that does nothing else.
-/// Created on first use; falls back to the caller's runtime if the thread cannot start.
-#[derive(Debug, Default)]
-struct VrrpThread {
-    handle: Option<tokio::runtime::Handle>,
-    /// Ends the thread when the engine is dropped.
-    stop: CancellationToken,
-}
-
-impl VrrpThread {
-    fn handle(&mut self) -> tokio::runtime::Handle {
-        if let Some(h) = &self.handle {
-            return h.clone();
-        }
-        let started = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .and_then(|rt| {
-                let handle = rt.handle().clone();
-                let stop = self.stop.clone();
-                std::thread::Builder::new()
-                    .name("vrrp".into())
-                    .spawn(move || rt.block_on(stop.cancelled()))
-                    .map(|_| handle)
-            });
-        let handle = match started {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(error = %e, "VRRP: cannot start its own thread; running on the shared runtime");
-                tokio::runtime::Handle::current()
-            }
-        };
-        self.handle = Some(handle.clone());
-        handle
-    }
-}
-
-impl Drop for VrrpThread {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }
 
 #[derive(Debug)]
@@ -147,7 +93,6 @@ impl VrrpEngine {
             instances: BTreeMap::new(),
             stopping: Vec::new(),
             view: None,
-            thread: VrrpThread::default(),
         }
     }
 
@@ -162,16 +107,26 @@ impl VrrpEngine {
         let view = self
             .view
             .get_or_insert_with(|| {
-                Arc::new(View {
+                let view = Arc::new(View {
                     metrics: self.metrics.clone(),
                     board: shared.board.clone(),
                     roles: roles.clone(),
                     entries: Mutex::new(BTreeMap::new()),
-                })
+                });
+                // Weak: the view holds the board; a strong reference back would be a cycle.
+                let weak = Arc::downgrade(&view);
+                shared.board.set_refresher(
+                    "vrrp",
+                    Box::new(move || {
+                        if let Some(view) = weak.upgrade() {
+                            view.refresh_counters();
+                        }
+                    }),
+                );
+                view
             })
             .clone();
         self.stopping.retain(|(_, t)| !t.is_finished());
-        let runtime = self.thread.handle();
         let desired: BTreeMap<String, InstanceConfig> = instance_configs(config)
             .into_iter()
             .map(|c| (c.name.clone(), c))
@@ -196,7 +151,7 @@ impl VrrpEngine {
                          metrics: &::vrrp::VrrpMetrics| {
                 let cancel = root.child_token();
                 let (reload, reload_rx) = watch::channel(new.clone());
-                let task = runtime.spawn(instance_task(
+                let task = tokio::spawn(instance_task(
                     previous,
                     reload_rx,
                     shared.healthy.clone(),
@@ -414,23 +369,24 @@ async fn instance_task(
             reload: Some(reload.clone()),
             wall_clock_at_start: wall_clock_now(),
         };
-        let run = ::vrrp::run(config, handles);
-        tokio::pin!(run);
-        let mut counters = tokio::time::interval(COUNTERS_EVERY);
-        counters.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let result = loop {
-            tokio::select! {
-                res = &mut run => break res,
-                Ok(()) = status_rx.changed() => {
-                    let s = status_rx.borrow_and_update().clone();
-                    view.update(&name, s, None);
+        // Each instance on a thread of its own (see `vrrp::spawn`). Dropping it (this task
+        // aborted for a `Restart::Adopt`) stops it without a handover and waits until it is
+        // gone.
+        let result = match ::vrrp::spawn(config, handles) {
+            Err(e) => Err(e),
+            Ok(mut instance) => loop {
+                tokio::select! {
+                    res = instance.wait() => break res,
+                    Ok(()) = status_rx.changed() => {
+                        let s = status_rx.borrow_and_update().clone();
+                        view.update(&name, s, None);
+                    }
+                    Ok(()) = healthy.changed() => {
+                        let n = tracked_count(&healthy.borrow_and_update(), &mut last_complete);
+                        count_tx.send_if_modified(|c| std::mem::replace(c, n) != n);
+                    }
                 }
-                _ = counters.tick() => view.refresh_counters(),
-                Ok(()) = healthy.changed() => {
-                    let n = tracked_count(&healthy.borrow_and_update(), &mut last_complete);
-                    count_tx.send_if_modified(|c| std::mem::replace(c, n) != n);
-                }
-            }
+            },
         };
         view.update(&name, status_rx.borrow().clone(), None);
         match result {
@@ -478,7 +434,7 @@ struct Entry {
     #[serde(flatten)]
     fixed: Fixed,
     /// Adverts sent since the instance started (a restart that hands over starts it again
-    /// at 0); read from the metrics every `COUNTERS_EVERY`.
+    /// at 0); read from the metrics when `/status` is read (see `View::refresh_counters`).
     adverts_sent: u64,
     /// Valid adverts received, counted the same way.
     adverts_received: u64,
@@ -523,6 +479,11 @@ impl View {
     }
 
     /// Re-reads the advert counters; publishes only when one moved.
+    /// Copies the advert counters into the board entry, on every `/status` read. The runner
+    /// publishes a status change only when state, priority, master or an error changes, and
+    /// pushing the counters instead (at first with every advert, later every second) woke a
+    /// task and serialised the entry for nobody: at 10 ms adverts that cost more than the
+    /// protocol itself.
     fn refresh_counters(&self) {
         if self.read_counters() {
             self.publish();
