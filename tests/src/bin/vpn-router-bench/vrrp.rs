@@ -19,7 +19,7 @@ use lab::lab::RouterLink;
 use lab::{topo, Lab};
 
 use crate::common::{cpu_percent, ms, ping_during, rss_kb, wait_until, PingOutage as Outage};
-use crate::stats::{render_table, Row};
+use crate::stats::{render_table, summarize, Row};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -31,8 +31,17 @@ pub struct Args {
     #[arg(id = "vrrp-ping-ms", long = "vrrp-ping-ms", default_value_t = 5)]
     pub ping_ms: u64,
     /// Idle master CPU window.
-    #[arg(id = "vrrp-idle-secs", long = "vrrp-idle-secs", default_value_t = 30)]
+    #[arg(id = "vrrp-idle-secs", long = "vrrp-idle-secs", default_value_t = 20)]
     pub idle_secs: u64,
+    /// Idle windows per implementation, taken in alternating order (A B B A ...) after all
+    /// trials, each with freshly started daemons, so that a drift in the machine's load
+    /// weighs on both sides alike.
+    #[arg(
+        id = "vrrp-idle-rounds",
+        long = "vrrp-idle-rounds",
+        default_value_t = 3
+    )]
+    pub idle_rounds: usize,
     /// Implementations to measure.
     #[arg(
         id = "vrrp-impls",
@@ -57,8 +66,6 @@ struct Measured {
     /// Trials before which the VIP did not answer within 3 s although only router 0 held it.
     dark_before_cut: usize,
     dark_before_term: usize,
-    /// (process, CPU % of a core, RSS kB)
-    idle: Vec<(String, Option<f64>, Option<u64>)>,
     /// Per link-cut trial: the old master's last advert to the new master's first, as seen at
     /// the switch (None when the capture did not show both).
     takeover: Vec<Option<Duration>>,
@@ -417,6 +424,24 @@ fn measure(lab: &Lab, a: &Args, v: &mut dyn Vrrp) -> anyhow::Result<Option<Measu
         v.start(0)?;
         wait_r0_master(lab, name)?;
     }
+    v.stop_all();
+    Ok(Some(m))
+}
+
+/// One process's idle cost over the windows: (process, CPU % of a core per window, last RSS
+/// in kB).
+type Idle = (String, Vec<f64>, Option<u64>);
+
+/// One idle window: both routers started afresh, router 0 the settled master, then the CPU
+/// of router 0's processes over `idle_secs`.
+fn idle_window(lab: &Lab, a: &Args, v: &mut dyn Vrrp, out: &mut Vec<Idle>) -> anyhow::Result<()> {
+    let name = v.name();
+    v.start(0)?;
+    v.start(1)?;
+    wait_r0_master(lab, name)?;
+    // Past the second gratuitous burst a new master sends (keepalived: 5 s after taking over;
+    // ours: `second_burst_after`, the same) and the start-up work.
+    std::thread::sleep(Duration::from_secs(6));
     eprintln!(
         "[vrrp] {name}: idle master, measuring CPU for {} s",
         a.idle_secs
@@ -425,13 +450,21 @@ fn measure(lab: &Lab, a: &Args, v: &mut dyn Vrrp) -> anyhow::Result<Option<Measu
     let pids: Vec<i32> = procs.iter().map(|(_, p)| *p).collect();
     let cpu = cpu_percent(&pids, Duration::from_secs(a.idle_secs));
     for ((n, p), c) in procs.into_iter().zip(cpu) {
-        m.idle.push((n, c, rss_kb(p)));
+        let i = match out.iter().position(|(o, _, _)| *o == n) {
+            Some(i) => i,
+            None => {
+                out.push((n, Vec::new(), None));
+                out.len() - 1
+            }
+        };
+        out[i].1.extend(c);
+        out[i].2 = rss_kb(p);
     }
     if !r0_is_master(lab) {
         bail!("{name}: router 0 lost mastership during the idle window");
     }
     v.stop_all();
-    Ok(Some(m))
+    Ok(())
 }
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
@@ -447,6 +480,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         .context("build the lab")?;
     let advert = Duration::from_millis(a.advert_ms);
     let mut results: Vec<(&'static str, Option<Measured>)> = Vec::new();
+    let mut impls: Vec<Box<dyn Vrrp + '_>> = Vec::new();
     for imp in &a.impls {
         let mut v: Box<dyn Vrrp + '_> = match imp.as_str() {
             "keepalived" => Box::new(Keepalived {
@@ -467,11 +501,24 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             eprintln!("[vrrp] {imp}: no router took the VIP");
         }
         results.push((v.name(), m));
+        impls.push(v);
+    }
+    let mut idle: Vec<Idle> = Vec::new();
+    for round in 0..a.idle_rounds {
+        let mut order: Vec<usize> = (0..impls.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            if results[i].1.is_some() {
+                idle_window(&lab, a, impls[i].as_mut(), &mut idle)?;
+            }
+        }
     }
     println!();
     println!("## VRRP (issue 5)");
     println!(
-        "params: VRRPv3, advert interval {} ms, priorities {} / {}, preempt, VMAC on gw0 (adverts on gw0), VIP {}/{}; client pings the VIP every {} ms (ping -i, 2 s per trial); outage = from the last reply before a run of lost pings (missing icmp_seq) to the first reply after it, so a stall of the prober itself does not count; link cut = the master's gw0 and vrrp0 cables unplugged at the switch; SIGTERM = the master's process; {} trials each; idle CPU = scheduler run time of all threads (/proc/PID/task/*/schedstat) over {} s",
+        "params: VRRPv3, advert interval {} ms, priorities {} / {}, preempt, VMAC on gw0 (adverts on gw0), VIP {}/{}; client pings the VIP every {} ms (ping -i, 2 s per trial); outage = from the last reply before a run of lost pings (missing icmp_seq) to the first reply after it, so a stall of the prober itself does not count; link cut = the master's gw0 and vrrp0 cables unplugged at the switch; SIGTERM = the master's process; {} trials each; idle CPU = scheduler run time of all threads (/proc/PID/task/*/schedstat) over {} s, in {} windows per implementation taken alternately (A B B A ...), each with freshly started daemons",
         a.advert_ms,
         priority(0, 2),
         priority(1, 2),
@@ -479,7 +526,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         topo::GW_NET_PREFIX,
         a.ping_ms,
         a.trials,
-        a.idle_secs
+        a.idle_secs,
+        a.idle_rounds
     );
     let mut outage = Vec::new();
     let mut lost = Vec::new();
@@ -548,23 +596,21 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     );
     print!("{}", render_table("ms", 1, &wire));
     println!("Idle master:");
-    println!("| process | CPU (% of a core) | RSS (MB) | target |");
-    println!("| --- | --: | --: | --- |");
-    for (_, m) in &results {
-        if let Some(m) = m {
-            for (n, c, r) in &m.idle {
-                let target = if n.starts_with("vpn-router") {
-                    "CPU ≤ keepalived's VRRP process; RSS ≤ 12 MB"
-                } else {
-                    "reference"
-                };
-                println!(
-                    "| {n} | {} | {} | {target} |",
-                    c.map_or("-".into(), |c| format!("{c:.2}")),
-                    r.map_or("-".into(), |r| format!("{:.1}", r as f64 / 1024.0))
-                );
-            }
-        }
+    println!("| process | CPU (% of a core), median | each window | RSS (MB) | target |");
+    println!("| --- | --: | --- | --: | --- |");
+    for (n, cpu, rss) in &idle {
+        let target = if n.starts_with("vpn-router") {
+            "CPU ≤ keepalived's VRRP process; RSS ≤ 12 MB"
+        } else {
+            "reference"
+        };
+        let each: Vec<String> = cpu.iter().map(|c| format!("{c:.2}")).collect();
+        println!(
+            "| {n} | {} | {} | {} | {target} |",
+            summarize(cpu).map_or("-".into(), |s| format!("{:.2}", s.median)),
+            each.join(" / "),
+            rss.map_or("-".into(), |r| format!("{:.1}", r as f64 / 1024.0))
+        );
     }
     Ok(())
 }
