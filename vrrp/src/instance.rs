@@ -1,8 +1,9 @@
 //! One VRRP instance at run time: ties the state machine to the advert socket, the VIPs and
-//! tokio's timers, and reports status and metrics.
+//! the protocol timers (timerfds), and reports status and metrics.
 //!
-//! Owns the event loop (`run`) and the mapping of `fsm::Action`s to effects. It makes no
-//! protocol decision itself (those are in `fsm`) and reads time only through
+//! Owns the event loop (`run`), the steady master's loop off the runtime (`run_steady`, used
+//! on a thread of its own, see `own_thread`) and the mapping of `fsm::Action`s to effects. It
+//! makes no protocol decision itself (those are in `fsm`) and reads time only through
 //! `tokio::time::Instant`.
 
 use std::collections::{BTreeMap, BTreeSet};
