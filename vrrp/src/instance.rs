@@ -535,6 +535,7 @@ pub(crate) async fn run_with(
                 }
                 SteadyExit::Actions(rest) => {
                     let stopped = r.resume(rest).await;
+                    r.timers.adver_fired = None;
                     r.publish();
                     if stopped {
                         return r.finish().await;
@@ -1039,10 +1040,12 @@ impl Runner {
                             .handle_into(Event::AdverTimerFired, self.now(), &mut actions);
                         let rest = self.perform_steady(&mut actions);
                         self.actions = actions;
-                        self.timers.adver_fired = None;
                         if !rest.is_empty() || self.resume_send.is_some() {
+                            // `adver_fired` stays for the handed-back ArmAdverTimer: after
+                            // a blocked send it must count from when this advert was due.
                             return SteadyExit::Actions(rest);
                         }
+                        self.timers.adver_fired = None;
                         // A routine advert changes no status field (the counters are in
                         // the metrics); only a failed send or a state machine surprise needs
                         // the comparison `publish` makes.

@@ -460,10 +460,11 @@ fn idle_window(lab: &Lab, a: &Args, v: &mut dyn Vrrp, out: &mut Vec<Idle>) -> an
         out[i].1.extend(c);
         out[i].2 = rss_kb(p);
     }
-    if !r0_is_master(lab) {
+    let kept = r0_is_master(lab);
+    v.stop_all();
+    if !kept {
         bail!("{name}: router 0 lost mastership during the idle window");
     }
-    v.stop_all();
     Ok(())
 }
 
