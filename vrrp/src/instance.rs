@@ -520,19 +520,13 @@ pub(crate) async fn run_with(
         if let Err(e) = r.master_down_timer.sync(r.timers.master_down, None) {
             r.timer_failed("Master_Down", e);
         }
-        if let Some(steady) = steady
+        let steady_now = steady
             .as_ref()
-            .filter(|_| try_steady && !controls.shutdown_fed && r.steady_master())
-        {
+            .filter(|_| try_steady && !controls.shutdown_fed && r.steady_master());
+        let event = if let Some(steady) = steady_now {
             match r.run_steady(steady, &mut controls) {
                 SteadyExit::Killed => return Ok(()),
-                SteadyExit::Event(ev) => {
-                    if let Some(ev) = ev {
-                        if r.feed(ev).await {
-                            return r.finish().await;
-                        }
-                    }
-                }
+                SteadyExit::Event(ev) => ev,
                 SteadyExit::Actions(rest) => {
                     let stopped = r.resume(rest).await;
                     r.timers.adver_fired = None;
@@ -540,16 +534,42 @@ pub(crate) async fn run_with(
                     if stopped {
                         return r.finish().await;
                     }
+                    continue;
                 }
-                SteadyExit::Look => try_steady = false,
+                SteadyExit::Look => {
+                    try_steady = false;
+                    continue;
+                }
             }
-            continue;
+        } else {
+            try_steady = true;
+            r.select_event(&mut controls, &mut buf, &ctx, v2_interval)
+                .await
+        };
+        if let Some(ev) = event {
+            if r.feed(ev).await {
+                return r.finish().await;
+            }
         }
-        try_steady = true;
+        r.timers.adver_fired = None;
+    }
+}
+
+impl Runner {
+    /// The async loop's wait: the next event from the control inputs, the timers or the
+    /// socket (None: something was handled that the state machine does not see).
+    async fn select_event(
+        &mut self,
+        controls: &mut Controls,
+        buf: &mut [u8],
+        ctx: &DecodeContext,
+        v2_interval: Option<u8>,
+    ) -> Option<Event> {
+        let r = self;
         let t = &r.timers;
         let (handoff, garp_burst, garp_followup, garp_refresh) =
             (t.handoff, t.garp_burst, t.garp_followup, t.garp_refresh);
-        let event = tokio::select! {
+        tokio::select! {
             biased;
             () = &mut controls.shutdown, if !controls.shutdown_fed => {
                 Some(controls.shutdown_event())
@@ -574,10 +594,10 @@ pub(crate) async fn run_with(
                 r.timers.handoff = None;
                 Some(Event::HandoffTimerFired)
             }
-            res = r.socket.recv(&mut buf) => match res {
-                Ok(rx) => r.on_packet(&buf, rx, &ctx, v2_interval),
+            res = r.socket.recv(buf) => match res {
+                Ok(rx) => r.on_packet(buf, rx, ctx, v2_interval),
                 Err(e) => {
-                    tracing::warn!(instance = %name, error = %e, "VRRP receive failed");
+                    tracing::warn!(instance = %r.cfg.name, error = %e, "VRRP receive failed");
                     r.status.last_error = Some(e.to_string());
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     None
@@ -603,13 +623,7 @@ pub(crate) async fn run_with(
                 let new = controls.reload_config(rx);
                 r.apply_reload(new)
             }
-        };
-        if let Some(ev) = event {
-            if r.feed(ev).await {
-                return r.finish().await;
-            }
         }
-        r.timers.adver_fired = None;
     }
 }
 

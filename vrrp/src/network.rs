@@ -186,9 +186,10 @@ fn is_link_local(a: &Ipv6Addr) -> bool {
     (a.segments()[0] & 0xffc0) == 0xfe80
 }
 
-/// A raw IP protocol 112 socket bound to `iface` (ifindex `index`): non-blocking, TTL / hop
-/// limit 255 on everything it sends, multicast loop off, only the groups it joins itself, IPv6
-/// receive metadata on; joined to 224.0.0.18 / ff02::12 when `join`.
+/// A raw IP protocol 112 socket bound to `iface` (ifindex `index`): non-blocking, IPv4 with
+/// our own header (IP_HDRINCL), IPv6 with hop limit 255 on everything it sends, multicast
+/// loop off, only the groups it joins itself, IPv6 receive metadata on; joined to
+/// 224.0.0.18 / ff02::12 when `join`.
 fn raw_socket(iface: &str, index: u32, family: Family, join: bool) -> Result<Socket, NetworkError> {
     let domain = match family {
         Family::V4 => Domain::IPV4,
@@ -205,16 +206,11 @@ fn raw_socket(iface: &str, index: u32, family: Family, join: bool) -> Result<Soc
         .map_err(sock_err(iface, "SO_BINDTODEVICE"))?;
     match family {
         Family::V4 => {
-            // Adverts are sent with our own IPv4 header (see `VrrpSocket::send_now`).
+            // Adverts are sent with our own IPv4 header, TTL 255 included (see
+            // `VrrpSocket::send_now`): IP_TTL and IP_MULTICAST_TTL have no say then.
             socket
                 .set_header_included_v4(true)
                 .map_err(sock_err(iface, "IP_HDRINCL"))?;
-            socket
-                .set_ttl_v4(u32::from(REQUIRED_TTL))
-                .map_err(sock_err(iface, "IP_TTL"))?;
-            socket
-                .set_multicast_ttl_v4(u32::from(REQUIRED_TTL))
-                .map_err(sock_err(iface, "IP_MULTICAST_TTL"))?;
             socket
                 .set_multicast_loop_v4(false)
                 .map_err(sock_err(iface, "IP_MULTICAST_LOOP"))?;

@@ -94,19 +94,14 @@ impl KernelTimer {
         }
         loop {
             let mut guard = self.fd.readable().await?;
-            match guard.try_io(|fd| read_expiries(&fd.get_ref().0)) {
-                Ok(Ok(n)) => {
-                    // Reading reset the count: the fd is quiet until the next expiry, whose
-                    // edge the reactor sees afresh. Clearing now saves a read that would
-                    // only say EAGAIN on the next wait.
-                    guard.clear_ready();
-                    self.expired(n);
-                    return Ok(());
-                }
-                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
-                Ok(Err(e)) => return Err(e),
-                // Spurious readiness: the guard cleared it; wait again.
-                Err(_would_block) => continue,
+            let expiries = read_expiries(&self.fd.get_ref().0)?;
+            // Reading reset the count, and an empty read means the readiness was spurious:
+            // either way the fd is quiet until the next expiry, whose edge the reactor sees
+            // afresh. Clearing now saves a read that would only say EAGAIN.
+            guard.clear_ready();
+            if let Some(n) = expiries {
+                self.expired(n);
+                return Ok(());
             }
         }
     }
@@ -114,17 +109,11 @@ impl KernelTimer {
     /// The expiry test without the runtime, for a loop that waits on [`Self::fd`] itself:
     /// true if the timer fired since the last read (several expiries count as one).
     pub(crate) fn try_fired(&mut self) -> io::Result<bool> {
-        loop {
-            match read_expiries(&self.fd.get_ref().0) {
-                Ok(n) => {
-                    self.expired(n);
-                    return Ok(true);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
-                Err(e) => return Err(e),
-            }
+        let expiries = read_expiries(&self.fd.get_ref().0)?;
+        if let Some(n) = expiries {
+            self.expired(n);
         }
+        Ok(expiries.is_some())
     }
 
     /// The timerfd, readable when the timer fired.
@@ -144,14 +133,21 @@ impl KernelTimer {
     }
 }
 
-/// Reads (and so resets) the expiry count; WouldBlock while the timer has not fired.
-fn read_expiries(fd: &TimerFd) -> io::Result<u64> {
+/// Reads (and so resets) the expiry count; None while the timer has not fired.
+fn read_expiries(fd: &TimerFd) -> io::Result<Option<u64>> {
     let mut count = [0u8; 8];
-    match nix::unistd::read(fd.as_fd(), &mut count).map_err(io::Error::from)? {
-        8 => Ok(u64::from_ne_bytes(count)),
-        n => Err(io::Error::other(format!(
-            "timerfd read returned {n} bytes, expected 8"
-        ))),
+    loop {
+        match nix::unistd::read(fd.as_fd(), &mut count) {
+            Ok(8) => return Ok(Some(u64::from_ne_bytes(count))),
+            Ok(n) => {
+                return Err(io::Error::other(format!(
+                    "timerfd read returned {n} bytes, expected 8"
+                )))
+            }
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

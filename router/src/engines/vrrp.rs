@@ -474,11 +474,9 @@ impl View {
             r.insert(name.to_string(), state)
                 .is_none_or(|old| old != state)
         });
-        self.read_counters();
         self.publish();
     }
 
-    /// Re-reads the advert counters; publishes only when one moved.
     /// Copies the advert counters into the board entry, on every `/status` read. The runner
     /// publishes a status change only when state, priority, master or an error changes, and
     /// pushing the counters instead (at first with every advert, later every second) woke a
