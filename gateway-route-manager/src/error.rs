@@ -134,6 +134,9 @@ pub enum EgressError {
         #[source]
         first: NetlinkError,
     },
+    /// Read back after writing, the kill switch is still incomplete.
+    #[error("egress: the kill switch is not in the kernel after writing it: {missing} change(s) still needed, first: {first}")]
+    NotInForce { missing: usize, first: String },
 }
 
 /// Writing or reading a sysctl failed.

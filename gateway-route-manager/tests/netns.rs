@@ -570,10 +570,24 @@ fn multipath_sysctls_are_set_in_the_namespace() {
 
 /// The data-plane probe of gateway i leaves through gateway i only: a "gateway" namespace at
 /// 192.168.25.128 owns the probe target 198.51.100.10:443; gateway 1 (.129) does not exist.
+/// The router's own default route (a "node" that also reaches the target, like a pod's
+/// primary network) is never taken, not even before the fwmark rules exist.
 #[test]
 fn probe_leaves_through_its_own_gateway() {
     let r = Netns::new("probe-r");
     let g = Netns::new("probe-g");
+    let n = Netns::new("probe-n");
+    r.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "nodepeer",
+    ]);
+    r.ip(&["link", "set", "nodepeer", "netns", &n.name]);
+    r.ip(&["addr", "add", "10.42.1.5/16", "dev", "eth0"]);
+    r.ip(&["link", "set", "eth0", "up"]);
+    r.ip(&["route", "add", "default", "via", "10.42.0.1"]);
+    n.ip(&["addr", "add", "10.42.0.1/16", "dev", "nodepeer"]);
+    n.ip(&["addr", "add", "198.51.100.10/32", "dev", "lo"]);
+    n.ip(&["link", "set", "nodepeer", "up"]);
+    let _around = n.run(|| async { std::net::TcpListener::bind("198.51.100.10:443").unwrap() });
     r.ip(&[
         "link", "add", "gwnet", "type", "veth", "peer", "name", "gwpeer",
     ]);
@@ -583,6 +597,9 @@ fn probe_leaves_through_its_own_gateway() {
     g.ip(&["addr", "add", "192.168.25.128/22", "dev", "gwpeer"]);
     g.ip(&["addr", "add", "198.51.100.10/32", "dev", "lo"]);
     g.ip(&["link", "set", "gwpeer", "up"]);
+    // Like a real gateway: the target is not on the segment, so nobody answers ARP for it
+    // (a socket bound to a device with no route assumes the destination is on-link).
+    g.sysctl("net.ipv4.conf.all.arp_ignore", "1");
 
     let listener = g.run(|| async { std::net::TcpListener::bind("198.51.100.10:443").unwrap() });
     let target: SocketAddr = "198.51.100.10:443".parse().unwrap();
@@ -600,7 +617,14 @@ fn probe_leaves_through_its_own_gateway() {
         nft_table: format!("grm_probe_{}", std::process::id()),
         ..Default::default()
     };
-    let (through_0, through_1, unmarked, status) = r.run(move || async move {
+    let (through_0, through_1, unmarked, before_rules, status) = r.run(move || async move {
+        let t = Duration::from_millis(500);
+        // Before return routing: unbound, the marked probe would leave by the default route
+        // and succeed around the gateway; bound to the gateways' interface it finds no route.
+        let before_rules = (
+            probe_through(target, 0x1900, None, t).await,
+            probe_through(target, 0x1900, Some("gwnet"), t).await,
+        );
         let mut m = EgressManager::new(s, Metrics::new()).unwrap();
         m.reconcile(&healthy(&[])).await.unwrap();
         let mut rr = gateway_route_manager::ReturnRoutingManager::new(
@@ -609,11 +633,10 @@ fn probe_leaves_through_its_own_gateway() {
         )
         .unwrap();
         rr.reconcile(&healthy(&[])).await.unwrap();
-        let t = Duration::from_millis(500);
         let probes = (
-            probe_through(target, 0x1900, t).await,
-            probe_through(target, 0x1901, t).await,
-            probe_through(target, 0, t).await,
+            probe_through(target, 0x1900, Some("gwnet"), t).await,
+            probe_through(target, 0x1901, Some("gwnet"), t).await,
+            probe_through(target, 0, Some("gwnet"), t).await,
         );
         // The health checker with only the probe check: gateway 0 healthy, gateway 1 not.
         let settings = HealthSettings {
@@ -624,6 +647,7 @@ fn probe_leaves_through_its_own_gateway() {
             probe: Some(ProbeSettings {
                 target,
                 mark_base: 0x1900,
+                interface: "gwnet".into(),
             }),
             fetch_forwarded_ports: false,
             ..Default::default()
@@ -641,8 +665,15 @@ fn probe_leaves_through_its_own_gateway() {
         cancel.cancel();
         task.await.unwrap();
         let status = status.borrow().clone();
-        (probes.0, probes.1, probes.2, status)
+        (probes.0, probes.1, probes.2, before_rules, status)
     });
+    before_rules
+        .0
+        .expect("unbound, the probe reaches the target by the default route");
+    let e = before_rules
+        .1
+        .expect_err("bound to the gateways' interface, no route before the rules exist");
+    assert!(e.contains("unreachable") || e.contains("timed out"), "{e}");
     assert_eq!(status[0].state, GatewayState::Healthy);
     assert!(status[0].probe_rtt_seconds.is_some());
     assert_eq!(status[1].state, GatewayState::Unhealthy);

@@ -27,13 +27,21 @@ enum Command {
         config: PathBuf,
     },
     /// Check a config file: exit 0 if valid, 1 with FILE:LINE:COL messages if not.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        file: PathBuf,
+        /// Print, as JSON, the sysctls a pod with read-only /proc/sys must preset for this
+        /// config: `scope: pod` in securityContext.sysctls, `scope: interface` through the
+        /// attachment's CNI tuning plugin.
+        #[arg(long)]
+        sysctls: bool,
+    },
     /// Show the running daemon's state (asks its api).
     Status {
-        /// The api address (default: from --config's api.listen, else 127.0.0.1:9090).
+        /// The api address (default: api.listen of --config, else of /etc/vpn-router/config.yaml
+        /// when it exists (the image's config path), else 127.0.0.1:9090).
         #[arg(long)]
         api: Option<SocketAddr>,
-        /// Take the api address from this config file.
+        /// Take the api address from this config file (its api.listen, `${POD_IP}` expanded).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Print the raw JSON.
@@ -51,14 +59,27 @@ fn main() -> ExitCode {
             println!("vpn-router {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::CheckConfig { file } => check_config(&file),
+        Command::CheckConfig { file, sysctls } => check_config(&file, sysctls),
         Command::Run { config } => run(&config),
         Command::Status { api, config, json } => status_cmd(api, config.as_deref(), json),
     }
 }
 
-fn check_config(file: &Path) -> ExitCode {
+fn check_config(file: &Path, sysctls: bool) -> ExitCode {
     match config::load(file) {
+        Ok(loaded) if sysctls => {
+            let presets = vpn_router::sysctl::pod_presets(&loaded.config);
+            match serde_json::to_string_pretty(&serde_json::json!({ "sysctls": presets })) {
+                Ok(s) => {
+                    println!("{s}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vpn-router check-config: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Ok(loaded) => {
             for w in &loaded.warnings {
                 eprintln!("warning: {w}");
@@ -158,7 +179,13 @@ fn run(path: &Path) -> ExitCode {
     }
 }
 
+/// Where the image's CMD reads the config: `vpn-router status` in the container (`kubectl exec`)
+/// finds the api there, wherever api.listen puts it.
+const IMAGE_CONFIG: &str = "/etc/vpn-router/config.yaml";
+
 fn status_cmd(api: Option<SocketAddr>, config_path: Option<&Path>, json: bool) -> ExitCode {
+    let image_config = Path::new(IMAGE_CONFIG);
+    let config_path = config_path.or_else(|| image_config.is_file().then_some(image_config));
     let addr = match (api, config_path) {
         (Some(a), _) => a,
         (None, Some(p)) => match config::load(p) {

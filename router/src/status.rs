@@ -36,6 +36,9 @@ pub struct DaemonStatus {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub last_reload_error: Option<Vec<String>>,
+    /// Whether every router picks the same gateway for a flow (`None` without `gateways`).
+    #[serde(default)]
+    pub egress_hashing: Option<crate::sysctl::EgressHashing>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +86,7 @@ impl StatusBoard {
                 reloads_ok: 0,
                 reloads_failed: 0,
                 last_reload_error: None,
+                egress_hashing: None,
             }),
             components: RwLock::new(BTreeMap::new()),
             refreshers: RwLock::new(BTreeMap::new()),
@@ -155,6 +159,19 @@ pub fn render(report: &StatusReport) -> String {
         d.reloads_ok,
         d.reloads_failed
     );
+    if let Some(h) = &d.egress_hashing {
+        let _ = writeln!(
+            out,
+            "egress hashing ({}): {}: {}",
+            h.mode,
+            if h.same_on_every_router {
+                "the same on every router"
+            } else {
+                "routers may disagree"
+            },
+            h.note
+        );
+    }
     if let Some(errs) = &d.last_reload_error {
         let _ = writeln!(out, "last reload was rejected:");
         for e in errs {

@@ -54,6 +54,16 @@ pub struct Supervisor {
 /// terminationGracePeriodSeconds (30 s).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// The egress hashing report for `config` (`/status` daemon.egress_hashing), with a warning
+/// when routers may pick different gateways for one flow.
+fn egress_hashing(sysctl_root: &Path, config: &Config) -> Option<sysctl::EgressHashing> {
+    let h = sysctl::egress_hashing(sysctl_root, config);
+    if let Some(h) = h.as_ref().filter(|h| !h.same_on_every_router) {
+        tracing::warn!(mode = %h.mode, "egress hashing differs between routers: {}", h.note);
+    }
+    h
+}
+
 /// Where the kernel's sysctls live; tests point this at a scratch directory.
 pub const PROC_SYS: &str = "/proc/sys";
 
@@ -82,6 +92,8 @@ impl Supervisor {
         let config = Arc::new(loaded.config);
         let shutdown = CancellationToken::new();
         let engines = Engines::new(board.clone(), registry);
+        let hashing = egress_hashing(sysctl_root, &config);
+        board.update_daemon(|d| d.egress_hashing = hashing);
         Ok(Self {
             path: path.to_path_buf(),
             config,
@@ -143,10 +155,12 @@ impl Supervisor {
                     .get_or_create(&ReloadLabels { result: "success" })
                     .inc();
                 self.metrics.last_reload_success.set(now);
+                let hashing = egress_hashing(&self.sysctl_root, &new);
                 self.board.update_daemon(|d| {
                     d.reloads_ok += 1;
                     d.config_loaded_unix = now;
                     d.last_reload_error = None;
+                    d.egress_hashing = hashing;
                 });
                 tracing::info!(file = %self.path.display(), "config reloaded");
                 Ok(())

@@ -6,7 +6,11 @@
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
-use crate::config::Config;
+use serde::{Deserialize, Serialize};
+use vrrp::packet::Family;
+use vrrp::vip::vmac_sysctls;
+
+use crate::config::{Config, EgressMode};
 
 /// One wanted setting and why the daemon needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,20 +35,24 @@ pub fn wanted(config: &Config) -> Vec<Wanted> {
             required: true,
             when_missing: "this kernel has no IPv4 forwarding",
         });
-        out.push(Wanted {
-            key: "net.ipv4.fib_multipath_hash_policy".into(),
-            value: "1".into(),
-            why: "multipath egress hashes on the 5-tuple (layer 4), the same on every router",
-            required: true,
-            when_missing: "this kernel has no multipath routing",
-        });
-        out.push(Wanted {
-            key: "net.ipv4.fib_multipath_hash_seed".into(),
-            value: g.egress.hash_seed.to_string(),
-            why: "every router must pick the same gateway for a flow (gateways.egress.hash_seed)",
-            required: false,
-            when_missing: "needs Linux 6.11+; without it each router hashes with its own random seed, so a router failover may move ecmp flows (egress.mode: consistent does not depend on it)",
-        });
+        // Only the multipath modes hash in the kernel's FIB; `consistent` hashes in nft with
+        // gateways.egress.hash_seed and routes each flow through a single-path table.
+        if g.egress.mode != EgressMode::Consistent {
+            out.push(Wanted {
+                key: "net.ipv4.fib_multipath_hash_policy".into(),
+                value: "1".into(),
+                why: "multipath egress hashes on the 5-tuple (layer 4), the same on every router",
+                required: true,
+                when_missing: "this kernel has no multipath routing",
+            });
+            out.push(Wanted {
+                key: HASH_SEED.into(),
+                value: g.egress.hash_seed.to_string(),
+                why: "every router must pick the same gateway for a flow (gateways.egress.hash_seed)",
+                required: false,
+                when_missing: "needs Linux 6.11+; without it each router hashes with its own random seed, so a router failover may move ecmp flows (egress.mode: consistent does not depend on it)",
+            });
+        }
     }
     if let Some(i) = &config.ingress {
         out.push(Wanted {
@@ -63,6 +71,142 @@ pub fn wanted(config: &Config) -> Vec<Wanted> {
         });
     }
     out
+}
+
+const HASH_SEED: &str = "net.ipv4.fib_multipath_hash_seed";
+
+/// Where a preset belongs when /proc/sys is read-only (a pod).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "scope", content = "interface")]
+pub enum Scope {
+    /// The pod's `securityContext.sysctls`.
+    Pod,
+    /// One attachment's interface: the CNI `tuning` plugin of its NetworkAttachmentDefinition
+    /// (`net.ipv4.conf.IFNAME.<name>`).
+    Interface(String),
+}
+
+/// A sysctl a pod must preset for this config, because the daemon cannot write it there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Preset {
+    pub key: String,
+    pub value: String,
+    #[serde(flatten)]
+    pub scope: Scope,
+    /// False: the daemon runs without it (and says so), with a documented loss.
+    pub required: bool,
+    pub why: String,
+}
+
+/// Everything a pod with read-only /proc/sys needs preset for `config`: the daemon-wide
+/// settings of [`wanted`], and for every VMAC what the daemon would write on it (preset as
+/// `net.*.conf.default.*`, which a macvlan inherits when the daemon creates it) and on its
+/// parent (set per interface by the attachment's tuning plugin). `vpn-router check-config
+/// --sysctls` prints it; deploy/validate.py checks the shipped Deployment and NADs against it.
+pub fn pod_presets(config: &Config) -> Vec<Preset> {
+    let mut out: Vec<Preset> = wanted(config)
+        .into_iter()
+        .map(|w| Preset {
+            key: w.key,
+            value: w.value,
+            scope: Scope::Pod,
+            required: w.required,
+            why: w.why.to_string(),
+        })
+        .collect();
+    let mut push = |p: Preset| {
+        if !out.iter().any(|q| q.key == p.key) {
+            out.push(p);
+        }
+    };
+    let mut families: Vec<(Family, String)> = Vec::new();
+    for v in config.vrrp.iter().filter(|v| v.vmac) {
+        for vip in &v.virtual_ips {
+            let family = Family::of(&vip.address.value.addr());
+            if !families.contains(&(family, vip.interface.clone())) {
+                families.push((family, vip.interface.clone()));
+            }
+        }
+    }
+    let any_v6 = families.iter().any(|(f, _)| *f == Family::V6);
+    for (family, parent) in &families {
+        let (own, on_parent) = vmac_sysctls(*family);
+        for s in own {
+            // An IPv6 VMAC needs IPv6 on: then the IPv4 VMACs go without IPv6 through the
+            // IPv6 VMAC's addr_gen_mode=1 (accepted by vrrp::vip) instead of disable_ipv6.
+            if any_v6 && s.name == "disable_ipv6" {
+                continue;
+            }
+            push(Preset {
+                key: s.key("default"),
+                value: s.value.into(),
+                scope: Scope::Pod,
+                required: true,
+                why: format!(
+                    "vrrp[].vmac: the {} VMAC the daemon creates on {parent} inherits {}",
+                    family.name(),
+                    s.key("default")
+                ),
+            });
+        }
+        for s in on_parent {
+            push(Preset {
+                key: s.key(parent),
+                value: s.value.into(),
+                scope: Scope::Interface(parent.clone()),
+                required: true,
+                why: format!("vrrp[].vmac: the parent of the {} VMAC", family.name()),
+            });
+        }
+    }
+    out
+}
+
+/// Whether every router picks the same gateway for a flow, as far as this router can tell:
+/// `/status` shows it under `daemon.egress_hashing`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressHashing {
+    /// `gateways.egress.mode`.
+    pub mode: String,
+    /// True when the choice depends only on the config (`consistent`, or the kernel's seed
+    /// equals `hash_seed`), so routers with the same config agree and a failover keeps flows.
+    pub same_on_every_router: bool,
+    /// What decides it, and what to do when routers disagree.
+    pub note: String,
+}
+
+/// Reads `net.ipv4.fib_multipath_hash_seed` under `root` for the multipath modes.
+pub fn egress_hashing(root: &Path, config: &Config) -> Option<EgressHashing> {
+    let g = config.gateways.as_ref()?;
+    let mode = match g.egress.mode {
+        EgressMode::Consistent => {
+            return Some(EgressHashing {
+                mode: "consistent".into(),
+                same_on_every_router: true,
+                note: format!(
+                    "nft jhash with gateways.egress.hash_seed {:#x}: the same on every router with this config",
+                    g.egress.hash_seed
+                ),
+            })
+        }
+        EgressMode::Ecmp => "ecmp",
+        EgressMode::EcmpResilient => "ecmp_resilient",
+    };
+    let seed = std::fs::read_to_string(path_of(root, HASH_SEED))
+        .ok()
+        .map(|s| s.trim().to_string());
+    let want = g.egress.hash_seed.to_string();
+    let (same, note) = match seed.as_deref() {
+        None => (false, format!("this kernel has no {HASH_SEED} (Linux < 6.11): each router hashes flows with its own random key, so routers disagree and a failover moves flows; use egress.mode: consistent")),
+        Some(s) if s == want => (true, format!("{HASH_SEED} = gateways.egress.hash_seed ({want})")),
+        Some("0") => (false, format!("{HASH_SEED} is 0 (unset: a random key per router), so routers disagree and a failover moves flows; set it to {want} (deploy/components/ecmp-hash-seed) or use egress.mode: consistent")),
+        Some(s) => (false, format!("{HASH_SEED} is {s}, not gateways.egress.hash_seed {want}: routers with another seed pick other gateways")),
+    };
+    Some(EgressHashing {
+        mode: mode.into(),
+        same_on_every_router: same,
+        note,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,5 +401,94 @@ mod tests {
         assert!(keys.contains(&("net.ipv4.vs.sloppy_tcp".into(), "0".into())));
         let empty = crate::config::load_str(Path::new("t.yaml"), "").unwrap();
         assert!(wanted(&empty.config).is_empty());
+    }
+
+    #[test]
+    fn consistent_mode_needs_no_multipath_sysctls() {
+        let loaded = crate::config::load_str(
+            Path::new("t.yaml"),
+            "gateways: { interface: eth1, addresses: 192.168.25.128, egress: { mode: consistent } }\n",
+        )
+        .unwrap();
+        let keys: Vec<String> = wanted(&loaded.config).into_iter().map(|w| w.key).collect();
+        assert_eq!(keys, vec!["net.ipv4.ip_forward".to_string()]);
+    }
+
+    #[test]
+    fn vmac_presets_cover_the_macvlan_and_its_parent() {
+        let yaml = "vrrp:\n  - { name: r, interface: vrrp0, vrid: 51, vmac: true, virtual_ips: [{ address: 192.168.26.254/22, interface: gw0 }] }\n";
+        let loaded = crate::config::load_str(Path::new("t.yaml"), yaml).unwrap();
+        let p = pod_presets(&loaded.config);
+        let find = |k: &str| {
+            p.iter()
+                .find(|x| x.key == k)
+                .map(|x| (x.value.as_str(), &x.scope))
+        };
+        assert_eq!(
+            find("net.ipv4.conf.default.arp_ignore"),
+            Some(("1", &Scope::Pod))
+        );
+        assert_eq!(
+            find("net.ipv4.conf.default.rp_filter"),
+            Some(("0", &Scope::Pod))
+        );
+        assert_eq!(
+            find("net.ipv6.conf.default.disable_ipv6"),
+            Some(("1", &Scope::Pod))
+        );
+        assert_eq!(
+            find("net.ipv4.conf.gw0.arp_announce"),
+            Some(("2", &Scope::Interface("gw0".into())))
+        );
+        // The same config without VMAC needs nothing of it.
+        let plain = crate::config::load_str(
+            Path::new("t.yaml"),
+            &yaml.replace("vmac: true", "vmac: false"),
+        )
+        .unwrap();
+        assert!(pod_presets(&plain.config).is_empty());
+        // With an IPv6 VMAC too, IPv6 stays on: the IPv4 VMAC goes by addr_gen_mode instead.
+        let dual = format!("{yaml}  - {{ name: r6, interface: vrrp0, vrid: 51, vmac: true, virtual_ips: [{{ address: \"fd24::fe/64\", interface: gw0 }}] }}\n");
+        let dual = crate::config::load_str(Path::new("t.yaml"), &dual).unwrap();
+        let p = pod_presets(&dual.config);
+        assert!(
+            p.iter()
+                .all(|x| x.key != "net.ipv6.conf.default.disable_ipv6"),
+            "{p:?}"
+        );
+        assert!(p
+            .iter()
+            .any(|x| x.key == "net.ipv6.conf.default.addr_gen_mode"));
+    }
+
+    #[test]
+    fn egress_hashing_reports_whether_routers_agree() {
+        let cfg = |mode: &str| {
+            crate::config::load_str(
+                Path::new("t.yaml"),
+                &format!("gateways: {{ interface: eth1, addresses: 192.168.25.128, egress: {{ mode: {mode}, hash_seed: 7 }} }}\n"),
+            )
+            .unwrap()
+            .config
+        };
+        let none = fake_proc(&[]);
+        let h = egress_hashing(none.path(), &cfg("ecmp")).unwrap();
+        assert!(!h.same_on_every_router && h.note.contains("6.11"), "{h:?}");
+        let zero = fake_proc(&[(HASH_SEED, "0\n")]);
+        let h = egress_hashing(zero.path(), &cfg("ecmp_resilient")).unwrap();
+        assert!(
+            !h.same_on_every_router && h.note.contains("ecmp-hash-seed"),
+            "{h:?}"
+        );
+        let right = fake_proc(&[(HASH_SEED, "7\n")]);
+        assert!(
+            egress_hashing(right.path(), &cfg("ecmp"))
+                .unwrap()
+                .same_on_every_router
+        );
+        let h = egress_hashing(none.path(), &cfg("consistent")).unwrap();
+        assert!(h.same_on_every_router, "{h:?}");
+        let empty = crate::config::load_str(Path::new("t.yaml"), "").unwrap();
+        assert!(egress_hashing(none.path(), &empty.config).is_none());
     }
 }

@@ -56,6 +56,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// `IPv4` or `IPv6`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
     /// Family of an address.
     pub fn of(addr: &IpAddr) -> Family {
         match addr {

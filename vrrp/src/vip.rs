@@ -39,7 +39,7 @@ pub enum VipError {
     #[error("VIP interface {0}: not found; check vrrp[].virtual_ips[].interface")]
     NoInterface(String),
     /// A sysctl could not be written.
-    #[error("sysctl {name}: write {value}: {source}")]
+    #[error("sysctl {name}: write {value}: {source}{hint}")]
     Sysctl {
         /// Dotted name.
         name: String,
@@ -47,6 +47,8 @@ pub enum VipError {
         value: String,
         /// OS error.
         source: std::io::Error,
+        /// What to do instead (`; ...`), or empty.
+        hint: String,
     },
     /// Gratuitous ARP/NA failed.
     #[error(transparent)]
@@ -82,17 +84,35 @@ pub fn write_sysctl(path: &str, value: &str) -> Result<(), VipError> {
         name: path.replace('/', "."),
         value: value.to_string(),
         source,
+        hint: String::new(),
     })
 }
 
 /// Writes `/proc/sys/<path>` unless it already holds `value`. In a pod `/proc/sys` is
 /// read-only; a macvlan inherits `net.ipv4.conf.default.*` when it is created and the CNI
 /// `tuning` plugin can preset the parent's values, so a pod that prepared them runs with VMAC.
-fn ensure_sysctl(path: &str, value: &str) -> Result<(), VipError> {
+fn ensure_sysctl(
+    path: &str,
+    value: &str,
+    pod_hint: impl FnOnce() -> String,
+) -> Result<(), VipError> {
     if read_sysctl(path).as_deref() == Some(value) {
         return Ok(());
     }
-    write_sysctl(path, value)
+    write_sysctl(path, value).map_err(|e| match e {
+        VipError::Sysctl {
+            name,
+            value,
+            source,
+            ..
+        } if source.kind() == std::io::ErrorKind::ReadOnlyFilesystem => VipError::Sysctl {
+            name,
+            value,
+            source,
+            hint: format!("; /proc/sys is read-only (a container): {}", pod_hint()),
+        },
+        e => e,
+    })
 }
 
 fn read_sysctl(path: &str) -> Option<String> {
@@ -101,43 +121,113 @@ fn read_sysctl(path: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// One per-interface sysctl, `net.<family>.conf.<interface>.<name>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IfSysctl {
+    /// `ipv4` or `ipv6`.
+    pub family: &'static str,
+    /// The leaf name, e.g. `arp_ignore`.
+    pub name: &'static str,
+    /// The value a VMAC setup needs.
+    pub value: &'static str,
+}
+
+impl IfSysctl {
+    /// The dotted name for `interface` (`default`: what new interfaces inherit).
+    pub fn key(&self, interface: &str) -> String {
+        format!("net.{}.conf.{interface}.{}", self.family, self.name)
+    }
+
+    fn path(&self, interface: &str) -> String {
+        format!("net/{}/conf/{interface}/{}", self.family, self.name)
+    }
+}
+
+const fn v4(name: &'static str, value: &'static str) -> IfSysctl {
+    IfSysctl {
+        family: "ipv4",
+        name,
+        value,
+    }
+}
+
+const fn v6(name: &'static str, value: &'static str) -> IfSysctl {
+    IfSysctl {
+        family: "ipv6",
+        name,
+        value,
+    }
+}
+
 /// Sysctls keepalived sets for an IPv4 VMAC: on the macvlan answer ARP only for its own
 /// addresses (arp_ignore=1), accept packets from local addresses (accept_local=1), no
 /// reverse-path filter (traffic to the VIP arrives on the macvlan while routes point at the
-/// parent), keep secondaries when the primary goes (promote_secondaries=1); on the parent
-/// never answer ARP for addresses that live on the macvlan (arp_ignore=1, arp_filter=1), and
-/// never use a VIP as sender of its own ARP requests (arp_announce=2): a request "who has
-/// client? tell VIP" from the parent's MAC would repoint the client's VIP entry away from the
-/// VMAC.
-/// Plus: no IPv6 on an IPv4 VMAC, so a backup never sends from the shared MAC.
+/// parent), keep secondaries when the primary goes (promote_secondaries=1).
+/// Plus: no IPv6 on an IPv4 VMAC (disable_ipv6=1), so a backup never sends from the shared
+/// MAC; an interface created with `addr_gen_mode` 1 (no link-local address) sends no IPv6
+/// either and is accepted instead, since that is what a pod that also runs an IPv6 VMAC can
+/// preset through `net.ipv6.conf.default`.
+pub const V4_VMAC_SYSCTLS: &[IfSysctl] = &[
+    v4("arp_ignore", "1"),
+    v4("accept_local", "1"),
+    v4("rp_filter", "0"),
+    v4("promote_secondaries", "1"),
+    v6("disable_ipv6", "1"),
+];
+
+/// On the parent of an IPv4 VMAC: never answer ARP for addresses that live on the macvlan
+/// (arp_ignore=1, arp_filter=1), and never use a VIP as sender of its own ARP requests
+/// (arp_announce=2): a request "who has client? tell VIP" from the parent's MAC would repoint
+/// the client's VIP entry away from the VMAC.
+pub const V4_PARENT_SYSCTLS: &[IfSysctl] = &[
+    v4("arp_ignore", "1"),
+    v4("arp_filter", "1"),
+    v4("arp_announce", "2"),
+];
+
+/// On an IPv6 VMAC: no link-local or SLAAC address, so only the VIPs (added as master) send
+/// from it, and no DAD for them.
+pub const V6_VMAC_SYSCTLS: &[IfSysctl] = &[v6("addr_gen_mode", "1"), v6("accept_dad", "0")];
+
+/// What a VMAC of `family` needs on itself and on its parent interface.
+pub fn vmac_sysctls(family: Family) -> (&'static [IfSysctl], &'static [IfSysctl]) {
+    match family {
+        Family::V4 => (V4_VMAC_SYSCTLS, V4_PARENT_SYSCTLS),
+        Family::V6 => (V6_VMAC_SYSCTLS, &[]),
+    }
+}
+
+/// Sets the VMAC's and its parent's sysctls (see [`vmac_sysctls`]), leaving values that are
+/// already right alone.
 pub fn set_vmac_sysctls(vmac_if: &str, parent: &str, family: Family) -> Result<(), VipError> {
     let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
-    match family {
-        Family::V4 => {
-            for (k, v) in [
-                ("arp_ignore", "1"),
-                ("accept_local", "1"),
-                ("rp_filter", "0"),
-                ("promote_secondaries", "1"),
-            ] {
-                ensure_sysctl(&format!("net/ipv4/conf/{vmac_if}/{k}"), v)?;
-            }
-            for (k, v) in [
-                ("arp_ignore", "1"),
-                ("arp_filter", "1"),
-                ("arp_announce", "2"),
-            ] {
-                ensure_sysctl(&format!("net/ipv4/conf/{parent}/{k}"), v)?;
-            }
-            if ipv6 {
-                ensure_sysctl(&format!("net/ipv6/conf/{vmac_if}/disable_ipv6"), "1")?;
-            }
+    let (own, on_parent) = vmac_sysctls(family);
+    for s in own {
+        if s.family == "ipv6" && !ipv6 {
+            continue;
         }
-        Family::V6 => {
-            // No link-local or SLAAC address: only the VIPs (added as master) send from it.
-            ensure_sysctl(&format!("net/ipv6/conf/{vmac_if}/addr_gen_mode"), "1")?;
-            ensure_sysctl(&format!("net/ipv6/conf/{vmac_if}/accept_dad"), "0")?;
+        if family == Family::V4
+            && s.name == "disable_ipv6"
+            && read_sysctl(&v6("addr_gen_mode", "1").path(vmac_if)).as_deref() == Some("1")
+        {
+            continue;
         }
+        ensure_sysctl(&s.path(vmac_if), s.value, || {
+            format!(
+                "preset {}={} in the pod's securityContext.sysctls, which a new VMAC inherits",
+                s.key("default"),
+                s.value
+            )
+        })?;
+    }
+    for s in on_parent {
+        ensure_sysctl(&s.path(parent), s.value, || {
+            format!(
+                "set it with the CNI tuning plugin of the attachment ({{\"type\": \"tuning\", \"sysctl\": {{\"{}\": \"{}\"}}}})",
+                s.key("IFNAME"),
+                s.value
+            )
+        })?;
     }
     if read_sysctl("net/ipv4/conf/all/rp_filter").is_some_and(|v| v != "0") {
         tracing::warn!(

@@ -46,6 +46,10 @@ pub enum EgressSetupError {
     Netlink(#[from] NetlinkError),
 }
 
+/// First and longest wait between tries to install the kill switch at start.
+const BOOTSTRAP_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+const BOOTSTRAP_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug)]
 pub struct EgressManager {
     settings: EgressSettings,
@@ -53,6 +57,7 @@ pub struct EgressManager {
     socket: RouteSocket,
     metrics: Metrics,
     ready: watch::Sender<bool>,
+    kill_switch: watch::Sender<bool>,
 }
 
 impl EgressManager {
@@ -62,12 +67,14 @@ impl EgressManager {
         settings.validate()?;
         let socket = RouteSocket::open()?;
         let (ready, _) = watch::channel(false);
+        let (kill_switch, _) = watch::channel(false);
         Ok(EgressManager {
             ownership: ownership(&settings),
             settings,
             socket,
             metrics,
             ready,
+            kill_switch,
         })
     }
 
@@ -80,16 +87,37 @@ impl EgressManager {
         self.ready.subscribe()
     }
 
-    /// Adds the kill-switch routes and the rules if they are missing, touching nothing else.
-    /// Run at start, before the first healthy set is known, so client traffic is never
-    /// routed by the main table while the daemon is starting; adopted state stays as it is.
+    /// Becomes `true` once the kill switch (the egress table's last-resort route and the rules
+    /// that send client traffic to it) has been read back from the kernel, and stays so. The
+    /// VRRP instances wait for it before they create a VMAC or take a VIP: a router that
+    /// receives client traffic without it would route that traffic by its main table, out of
+    /// the pod's own network.
+    pub fn kill_switch_in_force(&self) -> watch::Receiver<bool> {
+        self.kill_switch.subscribe()
+    }
+
+    /// Adds the kill-switch routes and the rules if they are missing, touching nothing else,
+    /// then reads the kernel back: an error unless they are all there. Run at start, before
+    /// the first healthy set is known, so client traffic is never routed by the main table
+    /// while the daemon is starting; adopted state stays as it is.
     pub async fn bootstrap(&mut self) -> Result<ApplyReport, EgressError> {
+        let missing = |kernel: &KernelState| -> Vec<Change> {
+            diff(&bootstrap_plan(&self.settings), &self.ownership, kernel)
+                .into_iter()
+                .filter(|c| matches!(c, Change::SetRoute(_) | Change::AddRule(_)))
+                .collect()
+        };
         let kernel = self.dump().await?;
-        let changes: Vec<Change> = diff(&bootstrap_plan(&self.settings), &self.ownership, &kernel)
-            .into_iter()
-            .filter(|c| matches!(c, Change::SetRoute(_) | Change::AddRule(_)))
-            .collect();
-        self.apply(changes).await
+        let report = self.apply(missing(&kernel)).await?;
+        let after = missing(&self.dump().await?);
+        if let Some(first) = after.first() {
+            return Err(EgressError::NotInForce {
+                missing: after.len(),
+                first: describe(first),
+            });
+        }
+        self.kill_switch.send_replace(true);
+        Ok(report)
     }
 
     /// Brings the kernel to the plan for `healthy`. A no-change pass writes nothing.
@@ -174,8 +202,21 @@ impl EgressManager {
         mut healthy: watch::Receiver<HealthyGateways>,
         cancel: CancellationToken,
     ) {
-        if let Err(e) = self.bootstrap().await {
-            tracing::warn!(error = %e, "egress: cannot install the kill switch at start");
+        // Until the kill switch is in the kernel nothing else may happen: retried with a
+        // capped backoff, and the VRRP instances wait for it (`kill_switch_in_force`).
+        let mut backoff = BOOTSTRAP_RETRY_FIRST;
+        loop {
+            match self.bootstrap().await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?backoff, "egress: cannot install the kill switch; this router takes no VIP until it is in place");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BOOTSTRAP_RETRY_MAX);
+                }
+            }
         }
         loop {
             if healthy.borrow_and_update().complete {

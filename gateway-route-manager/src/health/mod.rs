@@ -70,6 +70,8 @@ pub struct ProbeSettings {
     pub target: SocketAddr,
     /// Gateway i's probe uses `SO_MARK = mark_base + i` (`return_routing.mark_base`).
     pub mark_base: u32,
+    /// The gateways' interface (`gateways.interface`): probes leave by it or not at all.
+    pub interface: String,
 }
 
 /// Settings of the health checker (mapped from `gateways.health` by the router).
@@ -188,9 +190,19 @@ pub struct HealthChecker {
     metrics: Metrics,
     healthy_tx: watch::Sender<HealthyGateways>,
     status_tx: watch::Sender<Vec<GatewayStatus>>,
+    probe_routes: Option<watch::Receiver<bool>>,
 }
 
 impl HealthChecker {
+    /// With the `probe` check, the first round waits until `ready` is true: the per-gateway
+    /// tables and fwmark rules the probes are routed by are in the kernel (return routing).
+    /// A probe sent before would find no route and fail, and the gateways would start out
+    /// unhealthy for `rise` rounds at every start.
+    pub fn with_probe_routes(mut self, ready: watch::Receiver<bool>) -> Self {
+        self.probe_routes = Some(ready);
+        self
+    }
+
     /// Returns the checker and the healthy-set receiver (initially empty, `complete: false`).
     pub fn new(
         settings: HealthSettings,
@@ -231,6 +243,7 @@ impl HealthChecker {
             metrics,
             healthy_tx,
             status_tx,
+            probe_routes: None,
         };
         Ok((checker, healthy_rx))
     }
@@ -246,10 +259,20 @@ impl HealthChecker {
     }
 
     /// Checks until `cancel` fires (with no gateway configured: just waits for `cancel`).
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         if self.settings.gateways.is_empty() {
             cancel.cancelled().await;
             return;
+        }
+        if let Some(mut ready) = self
+            .probe_routes
+            .take()
+            .filter(|_| self.settings.checks.contains(&CheckKind::Probe))
+        {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                r = ready.wait_for(|r| *r) => if r.is_err() { return },
+            }
         }
         let (tx, mut rx) = mpsc::channel::<RoundResult>(self.settings.gateways.len().max(1));
         let mut loops = JoinSet::new();
@@ -495,7 +518,7 @@ async fn check_round(
             .mark_base
             .wrapping_add(u32::try_from(index).unwrap_or(u32::MAX));
         let started = Instant::now();
-        let r = probe_through(probe.target, mark, settings.timeout)
+        let r = probe_through(probe.target, mark, Some(&probe.interface), settings.timeout)
             .await
             .map_err(|detail| CheckError {
                 gateway,

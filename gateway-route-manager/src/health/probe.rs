@@ -5,6 +5,11 @@
 //! gateway and nowhere else; the per-gateway rule and table are return routing's (`return_routing`).
 //! It must not choose the mark or the target, and sends nothing but one TCP handshake.
 //!
+//! The socket is also bound to the gateways' interface (`SO_BINDTODEVICE`): without the rule
+//! (before return routing installed it, or after someone deleted it) the lookup falls through to
+//! the main table, whose default route leaves by the pod's own network. Bound, such a probe
+//! finds no route and fails, instead of succeeding around the tunnel it is meant to test.
+//!
 //! A connection *refused* by the target counts as a failure: the target is expected to listen
 //! (e.g. 1.1.1.1:443), and a refusal may come from the gateway's own firewall rather than from
 //! the far end of the tunnel.
@@ -15,11 +20,13 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpSocket;
 
-/// Connects to `target` with `SO_MARK = mark`; returns the connect time (tokio's clock).
-/// The error text names the failure (`timed out`, `no route to host`, ...).
+/// Connects to `target` with `SO_MARK = mark` out of `interface` (none: any); returns the
+/// connect time (tokio's clock). The error text names the failure (`timed out`, `no route to
+/// host`, ...).
 pub async fn probe_through(
     target: SocketAddr,
     mark: u32,
+    interface: Option<&str>,
     timeout: Duration,
 ) -> Result<Duration, String> {
     let domain = if target.is_ipv4() {
@@ -32,6 +39,11 @@ pub async fn probe_through(
     socket
         .set_mark(mark)
         .map_err(|e| format!("cannot set SO_MARK {mark:#x} (needs CAP_NET_ADMIN): {e}"))?;
+    if let Some(dev) = interface {
+        socket.bind_device(Some(dev.as_bytes())).map_err(|e| {
+            format!("cannot bind the probe to {dev} (SO_BINDTODEVICE needs CAP_NET_RAW): {e}")
+        })?;
+    }
     socket
         .set_nonblocking(true)
         .map_err(|e| format!("cannot make socket non-blocking: {e}"))?;
@@ -55,7 +67,7 @@ mod tests {
     async fn connects_to_a_listener_and_reports_rtt() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let target = listener.local_addr().unwrap();
-        let rtt = probe_through(target, 0x1900, Duration::from_secs(2))
+        let rtt = probe_through(target, 0x1900, None, Duration::from_secs(2))
             .await
             .unwrap();
         assert!(rtt < Duration::from_secs(2));
@@ -66,7 +78,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let target = listener.local_addr().unwrap();
         drop(listener);
-        let err = probe_through(target, 0x1900, Duration::from_secs(2))
+        let err = probe_through(target, 0x1900, None, Duration::from_secs(2))
             .await
             .unwrap_err();
         assert!(err.contains("refused"), "{err}");

@@ -22,7 +22,15 @@
 //!   meta mark SB-SB+N-1 meta mark set 0               # bucket without gateway: unmarked
 //! }
 //! chain output { type route hook output priority mangle; policy accept;
+//!   ct state new meta mark MB-MB+255 ct mark set meta mark   # probes: the gateway in conntrack
 //!   ct mark MB-MB+255 meta mark set ct mark }         # local replies are re-routed
+//! ```
+//! The first output rule puts a probe's gateway (its socket's `SO_MARK`) into the connection's
+//! ct mark. Packets the kernel sends for that connection without the socket — the bare RST it
+//! answers a late segment with once the socket is gone — carry no mark of their own; with the
+//! ct mark the second rule routes them through the probe's gateway too, not by the main table
+//! out of the pod's own network.
+//! ```text
 //! ```
 //! The egress rules match on destination only, like egress's `to <destination> lookup
 //! <table>` rules: client packets arrive on the VRRP VMAC interface (or any other), and
@@ -180,6 +188,14 @@ pub fn render(model: &NftModel) -> Vec<Value> {
     out.push(rule(
         OUT,
         vec![
+            match_op("in", ct("state"), json!("new")),
+            match_eq(meta("mark"), range(lo, hi)),
+            mangle(ct("mark"), meta("mark")),
+        ],
+    ));
+    out.push(rule(
+        OUT,
+        vec![
             match_eq(ct("mark"), range(lo, hi)),
             mangle(meta("mark"), ct("mark")),
         ],
@@ -261,6 +277,42 @@ fn merge(mut v: Vec<(u32, u32)>) -> Vec<(u32, u32)> {
     out
 }
 
+/// IP protocols as numbers wherever a rule compares `meta l4proto`: `nft -j list` prints the
+/// names only where /etc/protocols exists (netbase), and numbers elsewhere (a minimal image),
+/// while we render names. Without this, every resync in such an image saw drift and rebuilt
+/// the table.
+fn protocol_numbers(v: &mut Value) {
+    fn number(name: &Value) -> Value {
+        match name.as_str() {
+            Some("tcp") => json!(6),
+            Some("udp") => json!(17),
+            Some("icmp") => json!(1),
+            Some("sctp") => json!(132),
+            _ => name.clone(),
+        }
+    }
+    match v {
+        Value::Object(m) => {
+            let l4 = m
+                .get("left")
+                .and_then(|l| l.get("meta"))
+                .and_then(|x| x.get("key"))
+                .is_some_and(|k| k == "l4proto");
+            if l4 {
+                if let Some(right) = m.get_mut("right") {
+                    match right.get_mut("set").and_then(Value::as_array_mut) {
+                        Some(items) => items.iter_mut().for_each(|x| *x = number(x)),
+                        None => *right = number(right),
+                    }
+                }
+            }
+            m.values_mut().for_each(protocol_numbers);
+        }
+        Value::Array(a) => a.iter_mut().for_each(protocol_numbers),
+        _ => {}
+    }
+}
+
 /// Reduces a list of objects (rendered, or parsed from `nft -j list table`) to a view.
 pub fn view(objects: &[Value]) -> TableView {
     let mut out = TableView::default();
@@ -303,7 +355,8 @@ pub fn view(objects: &[Value]) -> TableView {
                     .get("chain")
                     .and_then(Value::as_str)
                     .unwrap_or_default();
-                let expr = body.get("expr").cloned().unwrap_or(Value::Null);
+                let mut expr = body.get("expr").cloned().unwrap_or(Value::Null);
+                protocol_numbers(&mut expr);
                 out.rules.entry(chain.to_owned()).or_default().push(expr);
             }
             _ => {}
@@ -506,7 +559,25 @@ mod tests {
         assert!(v.exists);
         assert_eq!(compare(&v, &v, false), NftChange::None);
         assert_eq!(v.rules["prerouting"].len(), 5);
-        assert_eq!(v.rules["output"].len(), 1);
+        assert_eq!(v.rules["output"].len(), 2);
+    }
+
+    /// Where /etc/protocols is missing (a minimal container image), nft lists protocol
+    /// numbers instead of the names we render: still no drift.
+    #[test]
+    fn protocol_numbers_in_a_listing_are_no_drift() {
+        let objects = render(&model(None));
+        let listed: Vec<Value> = serde_json::from_str(
+            &serde_json::to_string(&objects)
+                .unwrap()
+                .replace(r#"["tcp","udp"]"#, "[6,17]"),
+        )
+        .unwrap();
+        assert_ne!(objects, listed, "the substitution found nothing to replace");
+        assert_eq!(
+            compare(&view(&objects), &view(&listed), true),
+            NftChange::None
+        );
     }
 
     #[test]

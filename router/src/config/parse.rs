@@ -109,7 +109,7 @@ pub fn config(r: &mut Reader, root: &Node, base: &Path) -> Option<Config> {
         .opt(r, "api", |r, n, p| {
             let o = r.object(n, p, API_KEYS)?;
             Some(Api {
-                listen: o.or(r, "listen", Api::default().listen, Reader::socket_addr),
+                listen: o.or(r, "listen", Api::default().listen, Reader::listen_addr),
             })
         })
         .unwrap_or_default();

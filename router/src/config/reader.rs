@@ -401,6 +401,25 @@ impl Reader {
         }
     }
 
+    /// `api.listen`: `address:port`, where the address may be one `${NAME}` environment
+    /// reference (`${POD_IP}:9090`, with `POD_IP` from the downward API's `status.podIP`, binds
+    /// the api to the pod's own address). An IPv6 address from the environment needs no
+    /// brackets: the port is what follows the last `:`.
+    pub fn listen_addr(&mut self, node: &Node, path: &str) -> Option<SocketAddr> {
+        let s = self.scalar_text(node, path, "an address:port")?;
+        if !s.contains("${") {
+            return self.socket_addr(node, path);
+        }
+        let expanded = expand_listen(&s, |name| std::env::var(name).ok());
+        match expanded {
+            Ok(a) => Some(a),
+            Err(msg) => {
+                self.error(node.at, format!("{path}: {msg}"));
+                None
+            }
+        }
+    }
+
     /// One of a fixed set of words.
     pub fn choice<T: Copy>(&mut self, node: &Node, path: &str, options: &[(&str, T)]) -> Option<T> {
         let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
@@ -488,5 +507,84 @@ mod tests {
         assert_eq!(parse_int("0x1900"), Some(0x1900));
         assert_eq!(parse_int("42"), Some(42));
         assert_eq!(parse_int("4x2"), None);
+    }
+}
+
+/// Expands `${NAME}:PORT` or `[${NAME}]:PORT` with `env` and parses the result.
+pub(crate) fn expand_listen(
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<SocketAddr, String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{text:?} has no port; expected e.g. \"${{POD_IP}}:9090\""))?;
+    let name = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .strip_prefix("${")
+        .and_then(|h| h.strip_suffix('}'))
+        .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .ok_or_else(|| {
+            format!("{text:?}: the address must be an IP address or one ${{NAME}} reference, e.g. \"${{POD_IP}}:9090\"")
+        })?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{text:?}: port {port:?} is not a number 0-65535"))?;
+    let value = env(name).ok_or_else(|| {
+        format!(
+            "{text:?}: environment variable {name} is not set; in Kubernetes set it from the downward API \
+             (env: [{{name: {name}, valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}}}])"
+        )
+    })?;
+    let ip: IpAddr = value.trim().parse().map_err(|_| {
+        format!("{text:?}: environment variable {name} is {value:?}, not an IP address")
+    })?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod listen_tests {
+    use super::expand_listen;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "POD_IP" => Some("10.42.1.7".into()),
+            "POD_IP6" => Some("fd00::7".into()),
+            "BAD" => Some("not-an-ip".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn pod_ip_reference_expands() {
+        assert_eq!(
+            expand_listen("${POD_IP}:9090", env).unwrap().to_string(),
+            "10.42.1.7:9090"
+        );
+        assert_eq!(
+            expand_listen("${POD_IP6}:9090", env).unwrap().to_string(),
+            "[fd00::7]:9090"
+        );
+        assert_eq!(
+            expand_listen("[${POD_IP6}]:9090", env).unwrap().to_string(),
+            "[fd00::7]:9090"
+        );
+    }
+
+    #[test]
+    fn bad_references_say_what_to_do() {
+        let e = expand_listen("${NOPE}:9090", env).unwrap_err();
+        assert!(
+            e.contains("NOPE is not set") && e.contains("status.podIP"),
+            "{e}"
+        );
+        let e = expand_listen("${BAD}:9090", env).unwrap_err();
+        assert!(e.contains("not an IP address"), "{e}");
+        let e = expand_listen("${POD_IP}:99999", env).unwrap_err();
+        assert!(e.contains("port"), "{e}");
+        let e = expand_listen("x${POD_IP}:9090", env).unwrap_err();
+        assert!(e.contains("one ${NAME} reference"), "{e}");
+        let e = expand_listen("${POD_IP}", env).unwrap_err();
+        assert!(e.contains("no port"), "{e}");
     }
 }

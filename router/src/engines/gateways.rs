@@ -22,18 +22,31 @@ pub(super) fn start(
     metrics: &grm::Metrics,
     rr_metrics: &grm::ReturnRoutingMetrics,
     healthy_out: &watch::Sender<grm::HealthyGateways>,
+    kill_switch_out: &watch::Sender<bool>,
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, String> {
     let mut tasks = Vec::new();
-    let (checker, healthy_rx) = grm::HealthChecker::new(health_settings(g), metrics.clone())
-        .map_err(|e| format!("gateways.health: {e}"))?;
-    let status_rx = checker.status();
     let manager = grm::EgressManager::new(egress_settings(g), metrics.clone())
         .map_err(|e| format!("gateways.egress: {e}"))?;
     let return_routing =
         grm::ReturnRoutingManager::new(return_routing_settings(g), rr_metrics.clone())
             .map_err(|e| format!("gateways.return_routing: {e}"))?;
     let rr_status = return_routing.status();
+    let (probe_routes_tx, probe_routes) = watch::channel(false);
+    tasks.push(tokio::spawn(probe_routes_in_force(
+        rr_status.clone(),
+        probe_routes_tx,
+        cancel.clone(),
+    )));
+    let (checker, healthy_rx) = grm::HealthChecker::new(health_settings(g), metrics.clone())
+        .map_err(|e| format!("gateways.health: {e}"))?;
+    let checker = checker.with_probe_routes(probe_routes);
+    let status_rx = checker.status();
+    tasks.push(tokio::spawn(forward(
+        manager.kill_switch_in_force(),
+        kill_switch_out.clone(),
+        cancel.clone(),
+    )));
     tasks.push(tokio::spawn(checker.run(cancel.clone())));
     tasks.push(tokio::spawn(forward(
         healthy_rx.clone(),
@@ -69,10 +82,27 @@ pub(super) fn start(
     Ok(tasks)
 }
 
-/// Copies this engine's healthy set into the daemon-wide watch until cancelled.
-async fn forward(
-    mut from: watch::Receiver<grm::HealthyGateways>,
-    to: watch::Sender<grm::HealthyGateways>,
+/// Sets `ready` once every gateway's table route and fwmark rule is in the kernel, so the
+/// probes never go out before their routes exist.
+async fn probe_routes_in_force(
+    mut rr: watch::Receiver<grm::ReturnRoutingStatus>,
+    ready: watch::Sender<bool>,
+    cancel: CancellationToken,
+) {
+    tokio::select! {
+        () = cancel.cancelled() => {}
+        r = rr.wait_for(|s| !s.gateways.is_empty() && s.gateways.iter().all(|g| g.in_force)) => {
+            if r.is_ok() {
+                ready.send_replace(true);
+            }
+        }
+    }
+}
+
+/// Copies one of this engine's watches into the daemon-wide one until cancelled.
+async fn forward<T: Clone + PartialEq + Send + Sync + 'static>(
+    mut from: watch::Receiver<T>,
+    to: watch::Sender<T>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -170,6 +200,7 @@ fn health_settings(g: &Gateways) -> grm::HealthSettings {
         probe: probe_on.then_some(grm::health::ProbeSettings {
             target: h.probe.target,
             mark_base: g.return_routing.mark_base.value,
+            interface: g.interface.clone(),
         }),
         fetch_forwarded_ports: true,
     }

@@ -37,6 +37,10 @@ pub struct Shared {
     pub healthy: watch::Receiver<grm::HealthyGateways>,
     /// VRRP roles by instance name; empty without VRRP.
     pub roles: watch::Receiver<Roles>,
+    /// True once the egress kill switch has been read back from the kernel (always true
+    /// without `gateways`). No VRRP instance starts before: see
+    /// `grm::EgressManager::kill_switch_in_force`.
+    pub kill_switch: watch::Receiver<bool>,
 }
 
 /// The senders behind [`Shared`]; held by `Engines` so the channels never close while the
@@ -45,6 +49,7 @@ pub struct Shared {
 struct Publishers {
     healthy: watch::Sender<grm::HealthyGateways>,
     roles: watch::Sender<Roles>,
+    kill_switch: watch::Sender<bool>,
 }
 
 /// The engines of one running daemon.
@@ -99,13 +104,19 @@ impl Engines {
         ingress_metrics.register(registry);
         let (healthy, healthy_rx) = watch::channel(grm::HealthyGateways::default());
         let (roles, roles_rx) = watch::channel(Roles::new());
+        let (kill_switch, kill_switch_rx) = watch::channel(false);
         Self {
             shared: Shared {
                 board,
                 healthy: healthy_rx,
                 roles: roles_rx,
+                kill_switch: kill_switch_rx,
             },
-            publishers: Publishers { healthy, roles },
+            publishers: Publishers {
+                healthy,
+                roles,
+                kill_switch,
+            },
             grm_metrics,
             rr_metrics,
             gateways: None,
@@ -132,8 +143,12 @@ impl Engines {
             .gateways
             .as_ref()
             .map(|g| serde_json::to_value(g).unwrap_or_default());
-        let (shared, metrics, healthy) =
-            (&self.shared, &self.grm_metrics, &self.publishers.healthy);
+        let (shared, metrics, healthy, kill_switch) = (
+            &self.shared,
+            &self.grm_metrics,
+            &self.publishers.healthy,
+            &self.publishers.kill_switch,
+        );
         let rr_metrics = &self.rr_metrics;
         reconcile(
             &mut self.gateways,
@@ -142,7 +157,9 @@ impl Engines {
             "gateways",
             section,
             |cancel| match &config.gateways {
-                Some(g) => gateways::start(g, shared, metrics, rr_metrics, healthy, cancel),
+                Some(g) => {
+                    gateways::start(g, shared, metrics, rr_metrics, healthy, kill_switch, cancel)
+                }
                 None => Ok(Vec::new()),
             },
         );
@@ -150,6 +167,8 @@ impl Engines {
             self.publishers
                 .healthy
                 .send_replace(grm::HealthyGateways::default());
+            // No egress to guard: nothing routes client traffic here.
+            self.publishers.kill_switch.send_replace(true);
         }
 
         self.vrrp

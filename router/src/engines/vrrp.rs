@@ -154,6 +154,7 @@ impl VrrpEngine {
                 let task = tokio::spawn(instance_task(
                     previous,
                     reload_rx,
+                    shared.kill_switch.clone(),
                     shared.healthy.clone(),
                     metrics.clone(),
                     cancel.clone(),
@@ -327,6 +328,7 @@ fn wall_clock_now() -> SystemTime {
 async fn instance_task(
     previous: Option<(JoinHandle<()>, Option<InstanceConfig>)>,
     mut reload: watch::Receiver<InstanceConfig>,
+    mut kill_switch: watch::Receiver<bool>,
     mut healthy: watch::Receiver<grm::HealthyGateways>,
     metrics: ::vrrp::VrrpMetrics,
     cancel: CancellationToken,
@@ -353,6 +355,25 @@ async fn instance_task(
         }
     };
     view.update(&name, InstanceStatus::new(&name), Some(fixed));
+    // No VMAC, no advert, no VIP before the egress kill switch is in the kernel: a backup's
+    // VMAC already receives client frames the switch floods, and would route them by the main
+    // table, out of the pod's own network.
+    if !*kill_switch.borrow_and_update() {
+        view.setup_error(
+            &name,
+            "waiting for the egress kill switch (gateways.egress) to be in the kernel before taking part in VRRP".into(),
+        );
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                view.remove(&name);
+                return;
+            }
+            r = kill_switch.wait_for(|k| *k) => if r.is_err() {
+                view.remove(&name);
+                return;
+            },
+        }
+    }
     let mut last_complete = None;
     loop {
         let config = reload.borrow_and_update().clone();
