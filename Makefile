@@ -2,6 +2,7 @@
 #
 #   make demo    build, start the netns lab, drive traffic, fail things, print what happened
 #   make test    install test dependencies (as root), then fmt, clippy and every test tier
+#   make image   build the container image vpn-router:dev (podman, offline from Debian's archive)
 #
 # Tiers (docs/testing.md): pure and namespace tests run through cargo (root needed for the
 # namespace ones: they fail with a message saying so, never skip); the VM tier boots Debian's
@@ -14,7 +15,7 @@ export CARGO_TERM_COLOR ?= never
 # only slows each down, so cargo's test threads are capped.
 TEST_THREADS ?= 4
 
-.PHONY: all build deps fmt-check clippy lint test test-cargo test-vm test-deploy demo bench clean help
+.PHONY: all build deps fmt-check clippy lint test test-cargo test-vm test-deploy test-kubelet image demo bench clean help
 
 all: build
 
@@ -46,15 +47,25 @@ test-vm:
 	bash tests/vm/test-ingress.sh
 
 # deploy/: yamllint, kubernetes-validate --strict, reduced checks of the CRD kinds, the router
-# config inside the ConfigMap through check-config, and a self-test (deploy/validate.sh); then
-# that config run as the Deployment runs it, in namespaces (deploy/podlike-test.sh, root).
+# config inside the ConfigMap through check-config, the monitoring component (promtool), and a
+# self-test (deploy/validate.sh).
 test-deploy: deps
 	$(CARGO) build --bin vpn-router
-	shellcheck deploy/validate.sh deploy/podlike-test.sh
+	shellcheck deploy/validate.sh deploy/check-monitoring.sh scripts/image.sh
 	bash deploy/validate.sh
-	bash deploy/podlike-test.sh
 
-test: deps lint test-cargo test-vm test-deploy
+# The image (deploy/Dockerfile) built with podman: the host's release build on a rootfs of
+# Debian packages (scripts/image.sh). IMAGE=... names it (default vpn-router:dev).
+image: deps
+	bash scripts/image.sh
+
+# The shipped Deployment, ConfigMap, Secrets and NADs run as a kubelet runs them, from the
+# image (tests/src/kube/, tests/tests/kubelet.rs; root, podman).
+test-kubelet: deps image
+	$(CARGO) build --bin vpn-router-lab
+	$(CARGO) test -p vpn-router-tests --test kubelet -- --ignored --nocapture --test-threads=1
+
+test: deps lint test-cargo test-vm test-deploy test-kubelet
 	@echo "make test: all tiers passed"
 
 demo: deps

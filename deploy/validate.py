@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
 import sys
 
 import jsonschema
@@ -64,7 +65,8 @@ class Obj:
 def load(root):
     objs, kustomizations = [], []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        # promtool unit tests of a component (check-monitoring.sh), not manifests
+        dirnames[:] = sorted(d for d in dirnames if d != "tests")
         for fn in sorted(filenames):
             if not fn.endswith(".yaml"):
                 continue
@@ -189,11 +191,67 @@ SERVICE_MONITOR_SCHEMA = {
     },
 }
 
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": METADATA,
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["alert", "expr", "labels", "annotations"],
+                                    "properties": {
+                                        "alert": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": DURATION,
+                                        "labels": {
+                                            "type": "object",
+                                            "required": ["severity"],
+                                            "properties": {"severity": {"enum": ["critical", "warning", "info"]}},
+                                            "additionalProperties": {"type": "string"},
+                                        },
+                                        "annotations": {
+                                            "type": "object",
+                                            "required": ["summary", "description"],
+                                            "additionalProperties": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
 # What each kind's check covers; validate.sh lets kubernetes-validate's "no schema" warning pass
 # only for these (apiVersion, kind) pairs.
 REDUCED = {
     ("k8s.cni.cncf.io/v1", "NetworkAttachmentDefinition"): NAD_SCHEMA,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA,
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE_SCHEMA,
 }
 
 BRIDGE_KEYS = {
@@ -209,21 +267,26 @@ CNI_VERSIONS = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
 
 
 class Nad:
-    """A parsed bridge + whereabouts attachment."""
+    """A parsed bridge + whereabouts attachment, with the tuning plugin's sysctls."""
 
-    def __init__(self, obj, cfg):
+    def __init__(self, obj, bridge, tuning):
         self.obj = obj
-        self.cfg = cfg
-        ipam = cfg["ipam"]
+        self.cfg = bridge
+        ipam = bridge["ipam"]
         self.network = ipaddress.ip_network(ipam["range"], strict=False)
         hosts = (self.network.network_address + 1, self.network.broadcast_address - 1)
         self.start = ipaddress.ip_address(ipam.get("range_start", str(hosts[0])))
         self.end = ipaddress.ip_address(ipam.get("range_end", str(hosts[1])))
         self.gateway = ipaddress.ip_address(ipam["gateway"]) if "gateway" in ipam else None
-        self.bridge = cfg["bridge"]
+        self.bridge = bridge["bridge"]
+        # "net.ipv4.conf.IFNAME.arp_ignore" -> "1" (IFNAME: the attachment's interface)
+        self.tuning = tuning
 
     def pool(self):
         return [ipaddress.ip_address(a) for a in range(int(self.start), int(self.end) + 1)]
+
+
+TUNING_KEYS = {"type", "name", "cniVersion", "sysctl"}
 
 
 def check_nad(obj):
@@ -237,25 +300,43 @@ def check_nad(obj):
         err(where, f"cniVersion {cfg.get('cniVersion')!r}; expected one of {sorted(CNI_VERSIONS)}")
     if cfg.get("name") != obj.name:
         err(where, f"CNI name {cfg.get('name')!r} differs from metadata.name {obj.name!r}")
-    if cfg.get("type") != "bridge":
-        err(where, f"CNI type {cfg.get('type')!r}: only bridge attachments are checked here; extend validate.py")
+    if "plugins" in cfg:
+        for k in sorted(set(cfg) - {"cniVersion", "name", "plugins", "disableCheck"}):
+            err(where, f"conflist: unknown key {k!r}")
+        plugins = cfg["plugins"] if isinstance(cfg["plugins"], list) else []
+    else:
+        plugins = [cfg]
+    types = [p.get("type") for p in plugins if isinstance(p, dict)]
+    if not types or types[0] != "bridge" or any(t not in ("bridge", "tuning") for t in types) or types.count("bridge") != 1:
+        err(where, f"CNI plugins {types}: only a bridge attachment, optionally followed by tuning, is checked here; extend validate.py")
         return None
-    for k in sorted(set(cfg) - BRIDGE_KEYS):
+    b = plugins[0]
+    for k in sorted(set(b) - BRIDGE_KEYS):
         err(where, f"bridge config: unknown key {k!r}")
-    bridge = cfg.get("bridge", "")
+    tuning = {}
+    for t in plugins[1:]:
+        for k in sorted(set(t) - TUNING_KEYS):
+            err(where, f"tuning config: unknown key {k!r}")
+        for k, v in (t.get("sysctl") or {}).items():
+            if not isinstance(v, str):
+                err(where, f"tuning sysctl {k}: the value must be a string (CNI), got {v!r}")
+            if not k.startswith("net."):
+                err(where, f"tuning sysctl {k}: only net.* sysctls belong to the pod's network namespace")
+            tuning[k] = str(v)
+    bridge = b.get("bridge", "")
     if not 1 <= len(bridge) <= 15:
         err(where, f"bridge name {bridge!r} must be 1-15 characters (a Linux interface name)")
-    mtu = cfg.get("mtu")
+    mtu = b.get("mtu")
     if not isinstance(mtu, int) or not 68 <= mtu <= 65535:
         err(where, f"mtu {mtu!r} is not an MTU")
-    ipam = cfg.get("ipam")
+    ipam = b.get("ipam")
     if not isinstance(ipam, dict) or ipam.get("type") != "whereabouts":
         err(where, "ipam must be whereabouts")
         return None
     for k in sorted(set(ipam) - WHEREABOUTS_KEYS):
         err(where, f"whereabouts config: unknown key {k!r}")
     try:
-        nad = Nad(obj, cfg)
+        nad = Nad(obj, b, tuning)
     except (KeyError, ValueError) as e:
         err(where, f"whereabouts addresses: {e}")
         return None
@@ -283,14 +364,23 @@ KUSTOMIZATION_KEYS = {
     "apiVersion", "kind", "namespace", "resources", "images", "labels", "patches",
     "configMapGenerator", "secretGenerator", "generatorOptions", "components",
 }
+KINDS = {
+    "Kustomization": "kustomize.config.k8s.io/v1beta1",
+    "Component": "kustomize.config.k8s.io/v1alpha1",
+}
 
 
 def check_kustomizations(kustomizations, objs):
     listed = set()
+    kinds = {os.path.dirname(p): k.get("kind") for p, k in kustomizations}
     for path, k in kustomizations:
         d = os.path.dirname(path)
-        if k.get("apiVersion") != "kustomize.config.k8s.io/v1beta1" or k.get("kind") != "Kustomization":
-            err(path, "expected apiVersion kustomize.config.k8s.io/v1beta1, kind Kustomization")
+        kind = k.get("kind")
+        if KINDS.get(kind) != k.get("apiVersion"):
+            err(path, "expected apiVersion kustomize.config.k8s.io/v1beta1 with kind Kustomization, or v1alpha1 with kind Component")
+        in_components = os.path.basename(os.path.dirname(d)) == "components"
+        if in_components != (kind == "Component"):
+            err(path, f"kind {kind} in {d}: components/ holds Components, nothing else does")
         for key in sorted(set(k) - KUSTOMIZATION_KEYS):
             err(path, f"unknown or deprecated key {key!r}")
         for r in k.get("resources", []):
@@ -298,12 +388,30 @@ def check_kustomizations(kustomizations, objs):
             if os.path.isdir(target):
                 if not os.path.isfile(os.path.join(target, "kustomization.yaml")):
                     err(path, f"resource {r}: directory without kustomization.yaml")
+                elif kinds.get(target) != "Kustomization":
+                    err(path, f"resource {r} is a {kinds.get(target)}: list it under components")
             elif os.path.isfile(target):
                 if os.path.dirname(target) != d:
                     err(path, f"resource {r}: kustomize refuses files outside the kustomization's directory")
                 listed.add(target)
             else:
                 err(path, f"resource {r} does not exist")
+        for c in k.get("components", []):
+            target = os.path.normpath(os.path.join(d, c))
+            if kinds.get(target) != "Component":
+                err(path, f"component {c}: no Component there")
+        for patch in k.get("patches", []):
+            t = patch.get("target") or {}
+            if not any(o.kind == t.get("kind") and o.name == t.get("name") for o in objs):
+                err(path, f"patch target {t.get('kind')}/{t.get('name')} matches no object")
+            try:
+                ops = yaml.safe_load(patch.get("patch") or "") or []
+            except yaml.YAMLError as e:
+                err(path, f"patch for {t.get('kind')}/{t.get('name')} is not YAML: {e}")
+                ops = []
+            for op in ops if isinstance(ops, list) else []:
+                if op.get("op") not in ("add", "remove", "replace") or not str(op.get("path", "")).startswith("/"):
+                    err(path, f"patch op {op}: expected a JSON6902 add/remove/replace with a path")
         ns = k.get("namespace")
         if ns:
             for o in objs:
@@ -504,20 +612,20 @@ def check_pod_security(objs):
 # ---------------------------------------------------------------------------------------------
 # the router: its Deployment against its config
 
-def wanted_sysctls(cfg):
-    """Mirror of router/src/sysctl.rs::wanted (keep the two in step)."""
-    out = {}
-    g = cfg.get("gateways")
-    if g is not None:
-        out["net.ipv4.ip_forward"] = "1"
-        out["net.ipv4.fib_multipath_hash_policy"] = "1"
-        seed = ((g.get("egress") or {}).get("hash_seed", 0xDEADBEEF))
-        out["net.ipv4.fib_multipath_hash_seed"] = str(int(str(seed), 0))
-    i = cfg.get("ingress")
-    if i is not None:
-        out["net.ipv4.vs.conntrack"] = "1"
-        out["net.ipv4.vs.sloppy_tcp"] = "1" if (i or {}).get("sloppy_tcp", True) else "0"
-    return out
+def config_presets(config_path, env):
+    """What `vpn-router check-config --sysctls` says a pod must preset for the config: the
+    daemon's own list (router/src/sysctl.rs, vrrp/src/vip.rs), never a copy kept here."""
+    binary = os.environ.get("VPN_ROUTER_BIN") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "debug", "vpn-router")
+    try:
+        out = subprocess.run([binary, "check-config", "--sysctls", config_path], capture_output=True,
+                             text=True, env={**os.environ, **env}, check=False, timeout=30)
+    except OSError as e:
+        err("deploy", f"cannot run {binary} check-config --sysctls: {e} (cargo build --bin vpn-router)")
+        return None
+    if out.returncode != 0:
+        err("deploy", f"vpn-router check-config --sysctls failed: {out.stderr.strip()}")
+        return None
+    return json.loads(out.stdout)["sysctls"]
 
 
 def gateway_addresses(spec):
@@ -609,17 +717,55 @@ def check_router(objs, nads, out_dir):
         if n not in attached:
             err(where, f"the config uses interface {n}, but the Multus annotation attaches only {sorted(attached)}")
 
-    # sysctls
+    # environment references of the config (api.listen: ${POD_IP}:9090) come from the
+    # container's env; the downward API gives status.podIP
+    env_of = {e["name"]: e for e in c.get("env") or []}
+    env = {}
+    for name in sorted(set(re.findall(r"\$\{([A-Za-z0-9_]+)\}", text))):
+        e = env_of.get(name)
+        if e is None:
+            err(where, f"the config reads ${{{name}}}, but the container sets no env {name}")
+            continue
+        ref = ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        env[name] = "10.42.1.10" if ref == "status.podIP" else str(e.get("value", ""))
+    with open(os.path.join(out_dir, "config.env"), "w", encoding="utf-8") as f:
+        f.writelines(f"{k}={v}\n" for k, v in env.items())
+
+    # sysctls: the pod's presets against what the daemon says this config needs
     have = {s["name"]: str(s["value"]) for s in (pod_spec(router).get("securityContext") or {}).get("sysctls") or []}
-    with open(os.path.join(out_dir, "pod-sysctls.txt"), "w", encoding="utf-8") as f:
-        f.writelines(f"{k}={v}\n" for k, v in have.items())
-    want = wanted_sysctls(cfg)
-    if have != want:
-        err(where, f"securityContext.sysctls {have} differ from what the config needs {want} (router/src/sysctl.rs)")
+    presets = config_presets(os.path.join(out_dir, "config.yaml"), env)
+    if presets is not None:
+        pod = {p["key"]: p for p in presets if p["scope"] == "pod"}
+        for key, p in pod.items():
+            if p["required"] and have.get(key) != p["value"]:
+                err(where, f"securityContext.sysctls: {key}={have.get(key, '(unset)')}, the config needs {p['value']}: {p['why']} (vpn-router check-config --sysctls)")
+        for key in sorted(set(have) - set(pod)):
+            err(where, f"securityContext.sysctls sets {key}, which the config does not need (vpn-router check-config --sysctls)")
+        for key in sorted(set(have) & set(pod)):
+            if have[key] != pod[key]["value"]:
+                err(where, f"securityContext.sysctls: {key}={have[key]}, the config needs {pod[key]['value']}")
+        for p in (p for p in presets if p["scope"] == "interface"):
+            nad = attached.get(p["interface"])
+            tmpl = p["key"].replace(f".{p['interface']}.", ".IFNAME.")
+            got = (nad.tuning if nad else {}).get(tmpl)
+            if got != p["value"]:
+                name = nad.obj.name if nad else "(no attachment)"
+                err(where, f"{p['key']}={p['value']} ({p['why']}): set it with the tuning plugin of {name} (\"{tmpl}\": \"{p['value']}\"); it has {got!r}")
+
+    # prepared nodes only: a selector, and the toleration for the taint that may keep others off
+    ps = pod_spec(router)
+    if not ps.get("nodeSelector"):
+        err(where, "no nodeSelector: a router on a node without the sysctl allowlist or ip_vs fails with SysctlForbidden and is recreated there forever (docs/operations.md#deploying-in-kubernetes)")
+    else:
+        for key in ps["nodeSelector"]:
+            if not any(t.get("key") == key for t in ps.get("tolerations") or []):
+                err(where, f"nodeSelector {key} without a toleration of the same key (prepared nodes may be tainted with it)")
 
     # api port, probes
     listen = (cfg.get("api") or {}).get("listen", "0.0.0.0:9090")
     port = int(listen.rsplit(":", 1)[1])
+    if not listen.startswith("${"):
+        err(where, f"api.listen {listen}: bind the api to the pod's own address (\"${{POD_IP}}:{port}\"), so client pods cannot reach it on the VIPs")
     ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
     if ports.get("api") != port:
         err(where, f"container port `api` is {ports.get('api')}, the config listens on {port}")
@@ -703,8 +849,8 @@ def check_router(objs, nads, out_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# the image recipe against the Deployment and the locked dependencies (no container engine here:
-# the recipe is read, not built)
+# the image recipe against the Deployment and the locked dependencies (make image builds it;
+# this reads it)
 
 def check_image(root, objs, metadata_path):
     path = os.path.join(root, "Dockerfile")
@@ -727,12 +873,42 @@ def check_image(root, objs, metadata_path):
         if needs and max(needs)[0] > have:
             (need, name) = max(needs)
             err(path, f"RUST_VERSION {have[0]}.{have[1]} is older than {name} needs ({need[0]}.{need[1]})")
-    stages = [i for i, ln in enumerate(lines) if ln.startswith("FROM ")]
-    final = lines[stages[-1]:] if stages else []
-    text = "\n".join(final)
-    if "nftables" not in text:
-        err(path, "the runtime stage does not install nftables (`nft` is run by the daemon)")
-    copied = re.search(r"COPY --from=\S+ \S+ (\S+)", text)
+    # scripts/image.sh builds the same recipe offline through these two arguments
+    for arg in ("ARG BINARY=build", "ARG DEBIAN_IMAGE="):
+        if not any(ln.startswith(arg) for ln in lines):
+            err(path, f"no `{arg}...`: make image (scripts/image.sh) sets it")
+    stages = {}
+    current = None
+    for ln in lines:
+        mm = re.fullmatch(r"FROM (\S+) AS (\S+)", ln)
+        if mm:
+            current = mm.group(2)
+            stages[current] = {"from": mm.group(1), "lines": []}
+        elif current:
+            stages[current]["lines"].append(ln)
+    for need in ("build", "prebuilt", "rootfs", "binary", "runtime"):
+        if need not in stages:
+            err(path, f"no stage `{need}`")
+    if not stages or list(stages)[-1] != "runtime":
+        err(path, "the last stage must be `runtime` (what `docker build` without --target gives)")
+        return
+    # The runtime's files: the chain of stages it is built FROM, and what they COPY in.
+    text = ""
+    seen = set()
+    todo = ["runtime"]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in stages:
+            continue
+        seen.add(name)
+        st = stages[name]
+        text += "\n".join(st["lines"]) + "\n"
+        todo.append(st["from"])
+        todo += re.findall(r"COPY --from=(\S+)", "\n".join(st["lines"]))
+    if not re.search(r"\bnftables\b", text):
+        err(path, "the runtime's root filesystem does not get nftables (`nft` is run by the daemon)")
+    final = stages["runtime"]["lines"]
+    copied = re.search(r"COPY --from=\S+ \S+ (\S+)", "\n".join(final))
     entry = next((json.loads(ln[len("ENTRYPOINT "):]) for ln in final if ln.startswith("ENTRYPOINT [")), None)
     if not copied or not entry or entry[0] != copied.group(1):
         err(path, f"ENTRYPOINT {entry} is not the binary copied into the runtime stage")

@@ -12,7 +12,12 @@
 #      It also reads deploy/Dockerfile: entrypoint, nft, port, and a toolchain new enough for
 #      the locked dependencies (cargo metadata --locked --offline);
 #   4. `vpn-router check-config` on the config from the ConfigMap, with the secrets written to
-#      a temporary directory (the mount path in the config is rewritten to it);
+#      a temporary directory (the mount path in the config is rewritten to it) and the env the
+#      container gives it (POD_IP); validate.py compares the pod's sysctls and the NADs' tuning
+#      plugin with `vpn-router check-config --sysctls`;
+#   4b. the monitoring component (check-monitoring.sh: promtool checks and tests of the alerts,
+#      the dashboard's queries, metric names against docs/metrics.md; its own self-test runs
+#      once, at the end);
 #   5. shellcheck on the embedded scripts, and the gateways' ingress-nat script run against
 #      stub `ip`/`iptables` commands: each gateway address must DNAT to its own ingress VIP;
 #   6. a self-test: known defects put into copies of deploy/ must each be caught, so none
@@ -29,7 +34,7 @@ bin=${VPN_ROUTER_BIN:-$repo/target/debug/vpn-router}
 # Oldest Kubernetes the manifests are written for, and the newest kubernetes-validate knows.
 k8s_versions=(1.29.0 1.37.0)
 # The only "no schema" warnings accepted: kinds validate.py checks itself.
-crd_ok='Couldn'"'"'t find schema for kind (NetworkAttachmentDefinition with api version k8s\.cni\.cncf\.io/v1|ServiceMonitor with api version monitoring\.coreos\.com/v1) '
+crd_ok='Couldn'"'"'t find schema for kind (NetworkAttachmentDefinition with api version k8s\.cni\.cncf\.io/v1|(ServiceMonitor|PrometheusRule) with api version monitoring\.coreos\.com/v1) '
 
 selftest=1
 case "${1:-}" in
@@ -56,7 +61,8 @@ validate_tree() {
   mkdir -p "$out"
   yamllint -s -c "$here/.yamllint.yaml" "$dir" || { echo "FAILED: yamllint"; return 1; }
 
-  mapfile -t files < <(find "$dir" -name '*.yaml' ! -name kustomization.yaml ! -name .yamllint.yaml | sort)
+  # components' tests/ hold promtool unit tests (check-monitoring.sh), not manifests
+  mapfile -t files < <(find "$dir" -name tests -prune -o -name '*.yaml' ! -name kustomization.yaml ! -name .yamllint.yaml -print | sort)
   local kargs=()
   for v in "${k8s_versions[@]}"; do kargs+=(-k "$v"); done
   rc=0
@@ -73,10 +79,12 @@ validate_tree() {
   [ "$rc" = 0 ] || { echo "FAILED: kubernetes-validate --strict"; return 1; }
   [ "$n_core" -gt 0 ] || { echo "FAILED: kubernetes-validate validated no object"; return 1; }
 
-  "$venv/bin/python" "$here/validate.py" "$dir" "$out" "$work/cargo-metadata.json" || { echo "FAILED: validate.py"; return 1; }
+  VPN_ROUTER_BIN=$bin "$venv/bin/python" "$here/validate.py" "$dir" "$out" "$work/cargo-metadata.json" || { echo "FAILED: validate.py"; return 1; }
 
   yamllint -s -c "$here/.yamllint.yaml" "$out/config.yaml" || { echo "FAILED: yamllint of the ConfigMap's config.yaml"; return 1; }
-  "$bin" check-config "$out/config.yaml" || { echo "FAILED: vpn-router check-config"; return 1; }
+  # The config's ${ENV} references, with the values the container's env gives them.
+  (set -a; . "$out/config.env"; exec "$bin" check-config "$out/config.yaml") || { echo "FAILED: vpn-router check-config"; return 1; }
+  METRICS_DOC=$repo/docs/metrics.md bash "$here/check-monitoring.sh" --no-selftest "$dir" >"$out/monitoring.log" 2>&1 || { cat "$out/monitoring.log"; echo "FAILED: check-monitoring.sh"; return 1; }
 
   shellcheck -s sh "$out"/scripts/*.sh || { echo "FAILED: shellcheck of the embedded scripts"; return 1; }
   ingress_nat_test "$out" || { echo "FAILED: ingress-nat script"; return 1; }
@@ -161,15 +169,25 @@ mutate() {
 }
 mutate base/namespace.yaml 's/^kind: Namespace$/kind: Namespace  /' "trailing spaces"
 mutate base/router-deployment.yaml 's/^  minReadySeconds: 10$/  minReadySeconds: 10\n  minReadySecond: 10/' "'minReadySecond' was unexpected"
-mutate base/router-servicemonitor.yaml 's/^      interval: 15s$/      intervall: 15s/' "reduced ServiceMonitor schema"
+mutate components/monitoring/servicemonitor.yaml 's/^      interval: 15s$/      intervall: 15s/' "reduced ServiceMonitor schema"
 mutate base/networks.yaml 's/"range_end": "192.168.25.131"/"range_end": "192.168.25.135"/' "allocates exactly gateways.addresses"
 mutate base/router-deployment.yaml 's/vpn-net-vrrp@vpn-r-veth0/vpn-net-vrp@vpn-r-veth0/' "no such NetworkAttachmentDefinition"
-mutate base/router-deployment.yaml 's/value: "1"                 # ingress.sloppy_tcp/value: "0"/' "differ from what the config needs"
+mutate base/router-deployment.yaml 's/value: "1"                 # ingress.sloppy_tcp/value: "0"/' "net.ipv4.vs.sloppy_tcp=0, the config needs 1"
+mutate base/router-deployment.yaml '/name: net.ipv4.conf.default.arp_ignore/,+1d' "net.ipv4.conf.default.arp_ignore=(unset)"
+mutate base/router-deployment.yaml 's/name: net.ipv4.ip_forward/name: net.ipv4.fib_multipath_hash_seed/' "which the config does not need"
+mutate base/networks.yaml '/"net.ipv4.conf.IFNAME.arp_announce": "2"/d; s/"net.ipv4.conf.IFNAME.arp_filter": "1",/"net.ipv4.conf.IFNAME.arp_filter": "1"/' "net.ipv4.conf.vpn-gw-veth0.arp_announce=2"
+mutate base/router-deployment.yaml 's/- name: POD_IP/- name: POD_ADDR/' "the container sets no env POD_IP"
+mutate base/router-config.yaml 's/listen: "${POD_IP}:9090"/listen: 0.0.0.0:9090/' "bind the api to the pod's own address"
+mutate base/router-deployment.yaml '/^      nodeSelector:/,+1d' "no nodeSelector"
+mutate Dockerfile 's/ nftables libgcc-s1/ libgcc-s1/' "does not get nftables"
+mutate components/monitoring/kustomization.yaml 's/^kind: Component$/kind: Kustomization/' "components/ holds Components"
 mutate base/router-deployment.yaml 's/add: \["NET_ADMIN", "NET_RAW"\]/add: ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]/' "capabilities must be"
 mutate base/router-config.yaml 's/^        vrid: 51$/        vrid: 300/' "vrrp[0].vrid"
 mutate overlays/example/secrets.example.yaml 's/^  tsig: /  tsig-key: /' "has no key tsig"
 mutate base/kustomization.yaml '/router-pdb.yaml/d' "not listed in its directory's kustomization.yaml"
+mutate components/ecmp-hash-seed/kustomization.yaml 's/name: vpn-router$/name: vpn-routr/' "patch target Deployment/vpn-routr matches no object"
 mutate base/namespace.yaml 's/enforce: privileged/enforce: baseline/' "refused by PodSecurity baseline"
 mutate Dockerfile 's/^ARG RUST_VERSION=.*/ARG RUST_VERSION=1.85/' "RUST_VERSION 1.85 is older than"
 mutate examples/gateways/gluetun-statefulset.yaml 's/+ i ))"$/+ i + 1 ))"/' "no tcp DNAT of port 51413"
 echo "deploy: self-test ok ($caught defects caught)"
+bash "$here/check-monitoring.sh" "$here" | tail -n 2

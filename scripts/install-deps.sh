@@ -23,6 +23,11 @@ declare -A NEED=(
   [sysctl]=procps
   [shellcheck]=shellcheck
   [python3]=python3
+  # make image and the kubelet-like test (tests/src/kube/): podman with runc, and mmdebstrap
+  # for the offline base layer; settings in scripts/containers.conf
+  [podman]=podman
+  [runc]=runc
+  [mmdebstrap]=mmdebstrap
 )
 # files → package (no command to probe for)
 declare -A NEED_FILES=(

@@ -10,6 +10,33 @@ use crate::topo;
 
 /// named.conf for a server listening only on `listen`, working in `dir`.
 pub fn named_conf(dir: &Path, listen: std::net::Ipv4Addr, tsig_secret_b64: &str) -> String {
+    named_conf_for(
+        dir,
+        listen,
+        topo::DNS_ZONE,
+        &Tsig {
+            name: "ddns-key",
+            algorithm: "hmac-sha256",
+            secret_b64: tsig_secret_b64,
+        },
+    )
+}
+
+/// A TSIG key as in a BIND `key` clause.
+#[derive(Debug, Clone, Copy)]
+pub struct Tsig<'a> {
+    pub name: &'a str,
+    pub algorithm: &'a str,
+    pub secret_b64: &'a str,
+}
+
+/// named.conf: primary for `zone` (file `<dir>/<zone>.zone`), updates signed with `key` only.
+pub fn named_conf_for(
+    dir: &Path,
+    listen: std::net::Ipv4Addr,
+    zone: &str,
+    key: &Tsig<'_>,
+) -> String {
     let d = dir.display();
     let mut c = String::new();
     let _ = writeln!(c, "options {{");
@@ -24,23 +51,26 @@ pub fn named_conf(dir: &Path, listen: std::net::Ipv4Addr, tsig_secret_b64: &str)
     let _ = writeln!(c, "  notify no;");
     let _ = writeln!(c, "}};");
     let _ = writeln!(c, "controls {{ }};");
-    let _ = writeln!(c, "key \"ddns-key\" {{");
-    let _ = writeln!(c, "  algorithm hmac-sha256;");
-    let _ = writeln!(c, "  secret \"{tsig_secret_b64}\";");
+    let _ = writeln!(c, "key \"{}\" {{", key.name);
+    let _ = writeln!(c, "  algorithm {};", key.algorithm);
+    let _ = writeln!(c, "  secret \"{}\";", key.secret_b64);
     let _ = writeln!(c, "}};");
-    let _ = writeln!(c, "zone \"{}\" {{", topo::DNS_ZONE);
+    let _ = writeln!(c, "zone \"{zone}\" {{");
     let _ = writeln!(c, "  type primary;");
-    let _ = writeln!(c, "  file \"{d}/{}.zone\";", topo::DNS_ZONE);
-    let _ = writeln!(c, "  allow-update {{ key \"ddns-key\"; }};");
+    let _ = writeln!(c, "  file \"{d}/{zone}.zone\";");
+    let _ = writeln!(c, "  allow-update {{ key \"{}\"; }};", key.name);
     let _ = writeln!(c, "}};");
     c
 }
 
 /// The initial zone: SOA, NS, the name server's address, and no `vpn` records.
 pub fn zone_file() -> String {
+    zone_file_for(topo::DNS_ZONE, topo::INTERNET_DNS)
+}
+
+/// The initial `zone`, served by `ns` (`ns1.<zone>`).
+pub fn zone_file_for(zone: &str, ns: std::net::Ipv4Addr) -> String {
     format!(
-        "$TTL 60\n@ IN SOA ns1.{z}. hostmaster.{z}. 1 60 60 600 60\n@ IN NS ns1.{z}.\nns1 IN A {ns}\n",
-        z = topo::DNS_ZONE,
-        ns = topo::INTERNET_DNS
+        "$TTL 60\n@ IN SOA ns1.{zone}. hostmaster.{zone}. 1 60 60 600 60\n@ IN NS ns1.{zone}.\nns1 IN A {ns}\n"
     )
 }

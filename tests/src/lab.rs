@@ -133,7 +133,8 @@ pub fn ipvs_available() -> bool {
     Path::new("/proc/net/ip_vs").exists() || Path::new("/proc/sys/net/ipv4/vs").exists()
 }
 
-fn which(tool: &str) -> bool {
+/// True when `tool` is an executable file on PATH.
+pub fn which(tool: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false)
@@ -331,7 +332,8 @@ impl Proc {
     }
 }
 
-fn tail(path: &Path, lines: usize) -> String {
+/// The last `lines` lines of a file (empty when unreadable).
+pub fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let v: Vec<&str> = text.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
@@ -700,7 +702,25 @@ impl GatewayNode {
     }
 }
 
-fn counter_packets(ns: &Netns, name: &str) -> Result<u64, LabError> {
+/// The elements of the node's `leaked` set: `input interface . source . destination .
+/// protocol` of each flow the `leak` counter counted.
+pub fn leaked_flows(node: &Netns) -> String {
+    node.exec("nft", &["list", "set", "ip", "lab", "leaked"])
+        .ok()
+        .and_then(|s| {
+            let start = s.find("elements = {")?;
+            let rest = &s[start + 12..];
+            Some(
+                rest[..rest.find('}').unwrap_or(rest.len())]
+                    .trim()
+                    .to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+/// Packets of the nft counter `name` of table `ip lab` in `ns`.
+pub fn counter_packets(ns: &Netns, name: &str) -> Result<u64, LabError> {
     let out = ns.exec("nft", &["-j", "list", "counter", "ip", "lab", name])?;
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| LabError::Io {
         what: format!("nft counter {name} in {}", ns.name()),
@@ -1288,6 +1308,12 @@ impl Lab {
             .collect()
     }
 
+    /// `interface . source . destination . protocol` of what [`Lab::leaked_packets`] counted
+    /// (at most 256).
+    pub fn leaked_flows(&self) -> String {
+        leaked_flows(&self.node)
+    }
+
     /// Packets of client pods (192.168.24.0/22) the node forwarded to the Internet: traffic
     /// that bypassed the VPN through a router's own default route. Must stay 0.
     pub fn leaked_packets(&self) -> Result<u64, LabError> {
@@ -1500,12 +1526,18 @@ impl Capture {
     }
 }
 
-const NODE_NFT: &str = r#"table ip lab {
+/// The node: masquerades out of `wan0`, counts client packets (192.168.24.0/22) it forwards.
+pub const NODE_NFT: &str = r#"table ip lab {
   counter leak { }
   counter forwarded { }
+  set leaked {
+    type ifname . ipv4_addr . ipv4_addr . inet_proto
+    size 256
+    flags dynamic
+  }
   chain forward {
     type filter hook forward priority 0; policy accept;
-    ip saddr 192.168.24.0/22 counter name "leak"
+    ip saddr 192.168.24.0/22 add @leaked { iifname . ip saddr . ip daddr . meta l4proto } counter name "leak"
     counter name "forwarded"
   }
   chain postrouting {
@@ -1516,9 +1548,28 @@ const NODE_NFT: &str = r#"table ip lab {
 "#;
 
 fn gateway_nft(i: usize) -> String {
-    let port = topo::gateway_forwarded_port(i);
-    let vip = topo::ingress_vip(i);
-    let iport = topo::INGRESS_PORT;
+    gateway_nft_for(
+        "gw0",
+        "wan0",
+        Some((
+            topo::gateway_forwarded_port(i),
+            topo::ingress_vip(i),
+            topo::INGRESS_PORT,
+        )),
+    )
+}
+
+/// A gateway's forwarding: masquerade out of `wan_if`, an `egress` counter of what it forwards
+/// from `gw_if`, an empty `tunnel` chain (`set_tunnel_dead` fills it), and optionally the DNAT
+/// of a forwarded port `(port, ingress VIP, virtual server port)` arriving on `wan_if`.
+pub fn gateway_nft_for(gw_if: &str, wan_if: &str, dnat: Option<(u16, Ipv4Addr, u16)>) -> String {
+    let dnat = dnat
+        .map(|(port, vip, iport)| {
+            format!(
+                "    iifname \"{wan_if}\" tcp dport {port} dnat to {vip}:{iport}\n    iifname \"{wan_if}\" udp dport {port} dnat to {vip}:{iport}\n"
+            )
+        })
+        .unwrap_or_default();
     format!(
         r#"table ip lab {{
   counter egress {{ }}
@@ -1527,16 +1578,14 @@ fn gateway_nft(i: usize) -> String {
   chain forward {{
     type filter hook forward priority 0; policy accept;
     jump tunnel
-    iifname "gw0" oifname "wan0" counter name "egress"
+    iifname "{gw_if}" oifname "{wan_if}" counter name "egress"
   }}
   chain prerouting {{
     type nat hook prerouting priority -100; policy accept;
-    iifname "wan0" tcp dport {port} dnat to {vip}:{iport}
-    iifname "wan0" udp dport {port} dnat to {vip}:{iport}
-  }}
+{dnat}  }}
   chain postrouting {{
     type nat hook postrouting priority 100; policy accept;
-    oifname "wan0" masquerade
+    oifname "{wan_if}" masquerade
   }}
 }}
 "#

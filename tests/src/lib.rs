@@ -14,6 +14,7 @@ pub mod demo;
 pub mod dns;
 pub mod gluetun;
 pub mod http;
+pub mod kube;
 pub mod lab;
 pub mod netns;
 pub mod probe;

@@ -169,14 +169,20 @@ pub fn ping_outage<F: FnOnce() + Send>(
             cmd: format!("ping in {}", ns.name()),
             source,
         })?;
-    std::thread::sleep(lead);
-    action();
-    let out = child
-        .wait_with_output()
-        .map_err(|source| NetnsError::Spawn {
-            cmd: format!("ping in {}", ns.name()),
-            source,
-        })?;
+    // ping's output is read while the action runs: a long action would otherwise fill the
+    // pipe and stall ping, which then stops sending and reports a gap that never happened.
+    let out = std::thread::scope(|s| {
+        let reader = s.spawn(|| child.wait_with_output());
+        std::thread::sleep(lead);
+        action();
+        reader
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the ping reader panicked")))
+    })
+    .map_err(|source| NetnsError::Spawn {
+        cmd: format!("ping in {}", ns.name()),
+        source,
+    })?;
     let total = started.elapsed().as_secs_f64().min(duration.as_secs_f64());
     let (ts, sent) = parse_ping(&String::from_utf8_lossy(&out.stdout));
     Ok(Outage {
