@@ -83,6 +83,7 @@ validate_tree() {
 
   yamllint -s -c "$here/.yamllint.yaml" "$out/config.yaml" || { echo "FAILED: yamllint of the ConfigMap's config.yaml"; return 1; }
   # The config's ${ENV} references, with the values the container's env gives them.
+  # shellcheck source=/dev/null # written by validate.py above
   (set -a; . "$out/config.env"; exec "$bin" check-config "$out/config.yaml") || { echo "FAILED: vpn-router check-config"; return 1; }
   METRICS_DOC=$repo/docs/metrics.md bash "$here/check-monitoring.sh" --no-selftest "$dir" >"$out/monitoring.log" 2>&1 || { cat "$out/monitoring.log"; echo "FAILED: check-monitoring.sh"; return 1; }
 
@@ -177,6 +178,7 @@ mutate base/router-deployment.yaml '/name: net.ipv4.conf.default.arp_ignore/,+1d
 mutate base/router-deployment.yaml 's/name: net.ipv4.ip_forward/name: net.ipv4.fib_multipath_hash_seed/' "which the config does not need"
 mutate base/networks.yaml '/"net.ipv4.conf.IFNAME.arp_announce": "2"/d; s/"net.ipv4.conf.IFNAME.arp_filter": "1",/"net.ipv4.conf.IFNAME.arp_filter": "1"/' "net.ipv4.conf.vpn-gw-veth0.arp_announce=2"
 mutate base/router-deployment.yaml 's/- name: POD_IP/- name: POD_ADDR/' "the container sets no env POD_IP"
+# shellcheck disable=SC2016 # ${POD_IP} is text in the config, not for the shell
 mutate base/router-config.yaml 's/listen: "${POD_IP}:9090"/listen: 0.0.0.0:9090/' "bind the api to the pod's own address"
 mutate base/router-deployment.yaml '/^      nodeSelector:/,+1d' "no nodeSelector"
 mutate Dockerfile 's/ nftables libgcc-s1/ libgcc-s1/' "does not get nftables"

@@ -197,6 +197,9 @@ pub fn egress_hashing(root: &Path, config: &Config) -> Option<EgressHashing> {
         .map(|s| s.trim().to_string());
     let want = g.egress.hash_seed.to_string();
     let (same, note) = match seed.as_deref() {
+        // The seed makes the hash alike, but a resilient group's buckets depend on the order of
+        // each router's own nexthop changes since it started.
+        Some(s) if s == want && g.egress.mode == EgressMode::EcmpResilient => (false, format!("{HASH_SEED} = gateways.egress.hash_seed ({want}), but a resilient nexthop group's buckets follow each router's own history of gateway changes, so routers may still disagree; use egress.mode: consistent")),
         None => (false, format!("this kernel has no {HASH_SEED} (Linux < 6.11): each router hashes flows with its own random key, so routers disagree and a failover moves flows; use egress.mode: consistent")),
         Some(s) if s == want => (true, format!("{HASH_SEED} = gateways.egress.hash_seed ({want})")),
         Some("0") => (false, format!("{HASH_SEED} is 0 (unset: a random key per router), so routers disagree and a failover moves flows; set it to {want} (deploy/components/ecmp-hash-seed) or use egress.mode: consistent")),

@@ -192,3 +192,129 @@ fn every_router_metric_is_documented_with_type_and_labels() {
         missing.join("\n  ")
     );
 }
+
+/// The fenced YAML block right after the heading `heading` in `md`.
+fn yaml_after(md: &str, heading: &str) -> String {
+    let rest = &md[md
+        .find(heading)
+        .unwrap_or_else(|| panic!("no heading {heading:?}"))..];
+    let start = rest
+        .find("```yaml\n")
+        .expect("a yaml block after the heading")
+        + 8;
+    let end = rest[start..].find("```").expect("the block's end");
+    rest[start..start + end].to_owned()
+}
+
+/// deploy/base's router pod: its sysctls, and for each Multus interface the tuning plugin's
+/// sysctls of its attachment (`IFNAME` replaced by the interface).
+fn shipped_pod() -> (
+    std::collections::BTreeMap<String, String>,
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+) {
+    use serde_json::Value;
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/base");
+    let read = |f: &str| std::fs::read_to_string(base.join(f)).unwrap();
+    let d: Value = serde_saphyr::from_str(&read("router-deployment.yaml")).unwrap();
+    let spec = &d["spec"]["template"];
+    let sysctls = spec["spec"]["securityContext"]["sysctls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let nads: Vec<Value> = serde_saphyr::from_multiple(&read("networks.yaml")).unwrap();
+    let mut interfaces = std::collections::BTreeMap::new();
+    let annotation = spec["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"]
+        .as_str()
+        .unwrap();
+    for item in annotation.split(',').map(str::trim) {
+        let (net, ifname) = item.split_once('@').unwrap();
+        let nad = nads
+            .iter()
+            .find(|n| n["metadata"]["name"] == net)
+            .unwrap_or_else(|| panic!("no NAD {net}"));
+        let cni: Value = serde_json::from_str(nad["spec"]["config"].as_str().unwrap()).unwrap();
+        let mut tuning = std::collections::BTreeMap::new();
+        for p in cni["plugins"].as_array().into_iter().flatten() {
+            for (k, v) in p["sysctl"].as_object().into_iter().flatten() {
+                tuning.insert(k.replace("IFNAME", ifname), v.as_str().unwrap().to_owned());
+            }
+        }
+        interfaces.insert(ifname.to_owned(), tuning);
+    }
+    (sysctls, interfaces)
+}
+
+/// The README's minimal config runs in the shipped router pod: its interfaces are the pod's
+/// attachments, every sysctl it needs preset (`vpn-router check-config --sysctls`) is set by
+/// the pod spec or the attachment's tuning plugin, its secret is under the pod's mount.
+#[test]
+fn readme_config_becomes_ready_in_the_shipped_pod() {
+    let readme =
+        std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let yaml = yaml_after(&readme, "## A minimal config");
+    let dir = std::env::temp_dir().join(format!("vpn-router-docs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mount = "/run/secrets/vpn-router/";
+    assert!(
+        yaml.contains(mount),
+        "the example's secrets are not under the pod's mount {mount}"
+    );
+    for line in yaml.lines().filter(|l| l.contains(mount)) {
+        let file = line
+            .split(mount)
+            .nth(1)
+            .unwrap()
+            .split([' ', '}', ','])
+            .next()
+            .unwrap();
+        std::fs::write(dir.join(file), "c2VjcmV0\n").unwrap();
+    }
+    let text = yaml.replace(mount, &format!("{}/", dir.display()));
+    // The Deployment gives POD_IP from the downward API; this test is its only reader.
+    std::env::set_var("POD_IP", "10.42.1.10");
+    let loaded = vpn_router::config::load_str(&dir.join("config.yaml"), &text)
+        .unwrap_or_else(|e| panic!("the README's config is invalid:\n{}", e.lines().join("\n")));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (pod, attachments) = shipped_pod();
+    let c = &loaded.config;
+    let mut used: Vec<&str> = c.vrrp.iter().map(|v| v.interface.as_str()).collect();
+    used.extend(
+        c.vrrp
+            .iter()
+            .flat_map(|v| v.virtual_ips.iter().map(|x| x.interface.as_str())),
+    );
+    used.extend(c.gateways.iter().map(|g| g.interface.as_str()));
+    for i in used {
+        assert!(
+            attachments.contains_key(i),
+            "interface {i} is not one of the pod's attachments {:?}",
+            attachments.keys()
+        );
+    }
+    let presets = vpn_router::sysctl::pod_presets(c);
+    assert!(!presets.is_empty());
+    for p in presets.iter().filter(|p| p.required) {
+        let have = match &p.scope {
+            vpn_router::sysctl::Scope::Pod => pod.get(&p.key),
+            vpn_router::sysctl::Scope::Interface(i) => {
+                attachments.get(i).and_then(|t| t.get(&p.key))
+            }
+        };
+        assert_eq!(
+            have,
+            Some(&p.value),
+            "{} ({:?}) is not preset by the shipped pod: {}",
+            p.key,
+            p.scope,
+            p.why
+        );
+    }
+}

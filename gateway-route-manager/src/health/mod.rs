@@ -194,10 +194,10 @@ pub struct HealthChecker {
 }
 
 impl HealthChecker {
-    /// With the `probe` check, the first round waits until `ready` is true: the per-gateway
-    /// tables and fwmark rules the probes are routed by are in the kernel (return routing).
-    /// A probe sent before would find no route and fail, and the gateways would start out
-    /// unhealthy for `rise` rounds at every start.
+    /// With the `probe` check, the first round waits until `ready` is true (at most 3
+    /// intervals): the per-gateway tables and fwmark rules the probes are routed by are in
+    /// the kernel (return routing). A probe sent before would find no route and fail, and the
+    /// gateways would start out unhealthy for `rise` rounds at every start.
     pub fn with_probe_routes(mut self, ready: watch::Receiver<bool>) -> Self {
         self.probe_routes = Some(ready);
         self
@@ -269,9 +269,12 @@ impl HealthChecker {
             .take()
             .filter(|_| self.settings.checks.contains(&CheckKind::Probe))
         {
+            // Not for ever: routes that never come (a missing interface) must show up as
+            // failing probes with a reason, not as gateways that stay `unknown`.
+            let wait = self.settings.interval.saturating_mul(3);
             tokio::select! {
                 () = cancel.cancelled() => return,
-                r = ready.wait_for(|r| *r) => if r.is_err() { return },
+                _ = tokio::time::timeout(wait, ready.wait_for(|r| *r)) => {}
             }
         }
         let (tx, mut rx) = mpsc::channel::<RoundResult>(self.settings.gateways.len().max(1));
