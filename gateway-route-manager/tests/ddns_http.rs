@@ -5,7 +5,9 @@
 //! /dns/getroot/{hostname}`, `GET|POST /dns/{id}/record`, `DELETE /dns/{id}/record/{recordId}`,
 //! errors reported as a `statusCode` inside HTTP 200 bodies). They are deliberately strict
 //! about auth headers and serve other names and types next to ours, so a provider that touches
-//! anything else fails the test. Loopback only, no privileges.
+//! anything else fails the test. The same stand-ins also run behind TLS (rustls) with a test
+//! CA and server certificates that Debian's `openssl` makes at test time, and misbehave on
+//! request (a huge `Retry-After`, a huge body). Loopback only, no privileges.
 #![allow(
     clippy::disallowed_types,
     clippy::disallowed_methods,
@@ -20,7 +22,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use gateway_route_manager::ddns::{
-    self, CloudflareSettings, Credential, DdnsMetrics, DdnsSettings, DynuSettings, ProviderSettings,
+    self, CaCertificates, CloudflareSettings, Credential, DdnsMetrics, DdnsSettings, DynuSettings,
+    ProviderSettings,
 };
 use gateway_route_manager::health::{HealthyGateway, HealthyGateways};
 use http_body_util::{BodyExt as _, Full};
@@ -43,7 +46,13 @@ type Handler<S> = fn(
     &[u8],
 ) -> (StatusCode, Vec<(&'static str, String)>, Value);
 
-async fn serve<S: Send + 'static>(state: Arc<Mutex<S>>, handle: Handler<S>) -> SocketAddr {
+/// Serves `handle` on 127.0.0.1: plain HTTP, or HTTPS when `tls` is set (a handshake the
+/// client refuses never reaches `handle`).
+async fn serve<S: Send + 'static>(
+    state: Arc<Mutex<S>>,
+    handle: Handler<S>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -52,41 +61,55 @@ async fn serve<S: Send + 'static>(state: Arc<Mutex<S>>, handle: Handler<S>) -> S
                 return;
             };
             let state = state.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let state = state.clone();
-                    async move {
-                        let method = req.method().to_string();
-                        let uri = req.uri().to_string();
-                        let headers = req.headers().clone();
-                        let body = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let (status, extra, json) = {
-                            let mut s = state.lock().unwrap();
-                            handle(&mut s, &method, &uri, &headers, &body)
-                        };
-                        let mut resp = Response::builder()
-                            .status(status)
-                            .header("content-type", "application/json");
-                        for (k, v) in extra {
-                            resp = resp.header(k, v);
+                match tls {
+                    None => serve_connection(TokioIo::new(stream), state, handle).await,
+                    Some(acceptor) => {
+                        if let Ok(stream) = acceptor.accept(stream).await {
+                            serve_connection(TokioIo::new(stream), state, handle).await;
                         }
-                        Ok::<_, Infallible>(
-                            resp.body(Full::new(Bytes::from(json.to_string()))).unwrap(),
-                        )
                     }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                }
             });
         }
     });
     addr
+}
+
+async fn serve_connection<S, IO>(io: IO, state: Arc<Mutex<S>>, handle: Handler<S>)
+where
+    S: Send + 'static,
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let state = state.clone();
+        async move {
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let headers = req.headers().clone();
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let (status, extra, json) = {
+                let mut s = state.lock().unwrap();
+                handle(&mut s, &method, &uri, &headers, &body)
+            };
+            let mut resp = Response::builder()
+                .status(status)
+                .header("content-type", "application/json");
+            for (k, v) in extra {
+                resp = resp.header(k, v);
+            }
+            Ok::<_, Infallible>(resp.body(Full::new(Bytes::from(json.to_string()))).unwrap())
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, svc)
+        .await;
 }
 
 fn query(uri: &str) -> BTreeMap<String, String> {
@@ -130,6 +153,8 @@ struct Cf {
     /// Before applying the next batch, add its posts as if another writer just did, and fail
     /// the batch with 81058 as Cloudflare does.
     race_identical: bool,
+    /// Pad every list answer with this many bytes (a broken or hostile endpoint).
+    pad_list_answer: usize,
     list_calls: u32,
     batch_calls: u32,
     request_times: Vec<Instant>,
@@ -218,12 +243,12 @@ fn cloudflare(
             .map(|r| json!({ "id": r.id, "type": r.rtype, "name": r.name, "content": r.content, "ttl": r.ttl, "proxied": false }))
             .collect();
         let count = items.len();
-        return (
-            StatusCode::OK,
-            vec![],
-            json!({ "success": true, "errors": [], "messages": [], "result": items,
-                    "result_info": { "page": page, "per_page": per_page, "count": count, "total_count": matching.len(), "total_pages": total_pages } }),
-        );
+        let mut answer = json!({ "success": true, "errors": [], "messages": [], "result": items,
+                    "result_info": { "page": page, "per_page": per_page, "count": count, "total_count": matching.len(), "total_pages": total_pages } });
+        if s.pad_list_answer > 0 {
+            answer["padding"] = json!("x".repeat(s.pad_list_answer));
+        }
+        return (StatusCode::OK, vec![], answer);
     }
     if method == "POST" && p == format!("{base}/batch") {
         s.batch_calls += 1;
@@ -507,7 +532,32 @@ async fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// How the client reaches a stand-in: plain HTTP on 127.0.0.1, or HTTPS with the server's
+/// certificate, the host written in `api_url` and the client's `ca_file`.
+#[derive(Clone, Default)]
+struct Reach {
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    host: Option<&'static str>,
+    ca: Option<CaCertificates>,
+}
+
+impl Reach {
+    fn base(&self, addr: SocketAddr) -> String {
+        match (&self.tls, self.host) {
+            (None, _) => format!("http://{addr}"),
+            (Some(_), host) => format!("https://{}:{}", host.unwrap_or("127.0.0.1"), addr.port()),
+        }
+    }
+}
+
 async fn cf_server(setup: impl FnOnce(&mut Cf)) -> (Arc<Mutex<Cf>>, ProviderSettings) {
+    cf_server_at(setup, Reach::default()).await
+}
+
+async fn cf_server_at(
+    setup: impl FnOnce(&mut Cf),
+    reach: Reach,
+) -> (Arc<Mutex<Cf>>, ProviderSettings) {
     let mut cf = Cf {
         token: "cf-token".into(),
         zone: "0123456789abcdef0123456789abcdef".into(),
@@ -518,26 +568,35 @@ async fn cf_server(setup: impl FnOnce(&mut Cf)) -> (Arc<Mutex<Cf>>, ProviderSett
     setup(&mut cf);
     let zone = cf.zone.clone();
     let state = Arc::new(Mutex::new(cf));
-    let addr = serve(state.clone(), cloudflare).await;
+    let addr = serve(state.clone(), cloudflare, reach.tls.clone()).await;
     let p = ProviderSettings::Cloudflare(CloudflareSettings {
-        api_url: format!("http://{addr}/client/v4"),
+        api_url: format!("{}/client/v4", reach.base(addr)),
         zone_id: zone,
         api_token: Credential::new("cf-token"),
+        ca_certificates: reach.ca,
     });
     (state, p)
 }
 
 async fn dynu_server(setup: impl FnOnce(&mut Dy)) -> (Arc<Mutex<Dy>>, ProviderSettings) {
+    dynu_server_at(setup, Reach::default()).await
+}
+
+async fn dynu_server_at(
+    setup: impl FnOnce(&mut Dy),
+    reach: Reach,
+) -> (Arc<Mutex<Dy>>, ProviderSettings) {
     let mut dy = Dy {
         key: "dynu-key".into(),
         ..Default::default()
     };
     setup(&mut dy);
     let state = Arc::new(Mutex::new(dy));
-    let addr = serve(state.clone(), dynu).await;
+    let addr = serve(state.clone(), dynu, reach.tls.clone()).await;
     let p = ProviderSettings::Dynu(DynuSettings {
-        api_url: format!("http://{addr}/v2"),
+        api_url: format!("{}/v2", reach.base(addr)),
         api_key: Credential::new("dynu-key"),
+        ca_certificates: reach.ca,
     });
     (state, p)
 }
@@ -752,4 +811,366 @@ async fn dynu_bad_key_in_200_is_an_auth_error() {
     );
     assert!(dy.lock().unwrap().records.is_empty());
     e.cancel.cancel();
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a provider's answer can do to the daemon: a huge Retry-After, a huge body.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloudflare_429_with_a_huge_retry_after_is_clamped_not_fatal() {
+    let (cf, p) = cf_server(|cf| {
+        cf.throttle = 1;
+        cf.retry_after_secs = u64::MAX;
+    })
+    .await;
+    let e = start(settings(p), healthy(&["203.0.113.10"]));
+    wait_until("the 429 is seen", Duration::from_secs(5), || {
+        e.metrics.updates_count("cloudflare", "failed") == 1
+    })
+    .await;
+    assert_eq!(e.metrics.current_error(), Some("rate_limited"));
+    let msg = e.metrics.last_error().unwrap();
+    assert!(
+        msg.contains("429") && msg.contains("retry after 900s"),
+        "Retry-After not clamped to 15 min: {msg}"
+    );
+    // A panic in the engine (Instant + Duration overflow) would end the task.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!e.task.is_finished(), "the engine stopped after the 429");
+    assert_eq!(
+        cf.lock().unwrap().request_times.len(),
+        1,
+        "retried before the clamped Retry-After"
+    );
+    e.cancel.cancel();
+    e.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_larger_than_the_cap_is_an_error_naming_provider_request_and_limit() {
+    let (cf, p) = cf_server(|cf| cf.pad_list_answer = 2 * 1024 * 1024).await;
+    let e = start(settings(p), healthy(&["203.0.113.10"]));
+    wait_until("retries", Duration::from_secs(5), || {
+        e.metrics.updates_count("cloudflare", "failed") >= 2
+    })
+    .await;
+    assert_eq!(e.metrics.current_error(), Some("protocol"));
+    let msg = e.metrics.last_error().unwrap();
+    assert!(
+        msg.starts_with("cloudflare: GET http://127.0.0.1:")
+            && msg.contains("/dns_records?type=A")
+            && msg.contains(&format!("larger than {} bytes", ddns::MAX_BODY_BYTES)),
+        "{msg}"
+    );
+    assert_eq!(ddns::MAX_BODY_BYTES, 1024 * 1024);
+    assert_eq!(
+        cf.lock().unwrap().batch_calls,
+        0,
+        "wrote after a refused read"
+    );
+    e.cancel.cancel();
+}
+
+#[test]
+fn the_library_refuses_cleartext_to_a_remote_api() {
+    let p = ProviderSettings::Dynu(DynuSettings {
+        api_url: "http://api.dynu.com/v2".into(),
+        api_key: Credential::new("dynu-key"),
+        ca_certificates: None,
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let e = start(settings(p), healthy(&["203.0.113.10"]));
+        wait_until("the provider is refused", Duration::from_secs(5), || {
+            e.metrics.current_error().is_some()
+        })
+        .await;
+        assert_eq!(e.metrics.current_error(), Some("config"));
+        let msg = e.metrics.last_error().unwrap();
+        assert!(
+            msg.contains("ddns.provider.dynu.api_url") && msg.contains("cleartext"),
+            "{msg}"
+        );
+        e.cancel.cancel();
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTPS: a test CA made with Debian's `openssl` at test time, stand-ins behind rustls.
+
+/// A CA, a second CA nobody trusts, and server certificates made with them.
+struct Pki {
+    dir: std::path::PathBuf,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir =
+            std::env::temp_dir().join(format!("vpn-router-ddns-tls-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = Pki { dir };
+        pki.ca("ca");
+        pki.ca("rogue-ca");
+        pki.leaf("good", "ca", "IP:127.0.0.1,DNS:localhost");
+        pki.leaf("rogue", "rogue-ca", "IP:127.0.0.1,DNS:localhost");
+        pki.leaf("other-name", "ca", "DNS:api.example.net");
+        pki
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .unwrap_or_else(|e| panic!("openssl: {e}; install it with `apt-get install openssl`"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ca(&self, name: &str) {
+        std::fs::write(
+            self.dir.join(format!("{name}.cnf")),
+            format!("[req]\ndistinguished_name = dn\nprompt = no\nx509_extensions = v3\n[dn]\nCN = vpn-router test {name}\n[v3]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n"),
+        )
+        .unwrap();
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-config",
+            &format!("{name}.cnf"),
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+        ]);
+    }
+
+    fn leaf(&self, name: &str, ca: &str, san: &str) {
+        std::fs::write(
+            self.dir.join(format!("{name}.cnf")),
+            format!("[req]\ndistinguished_name = dn\nprompt = no\n[dn]\nCN = {name}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            self.dir.join(format!("{name}.ext")),
+            format!("basicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\nextendedKeyUsage = serverAuth\nsubjectAltName = {san}\n"),
+        )
+        .unwrap();
+        self.openssl(&[
+            "req",
+            "-new",
+            "-config",
+            &format!("{name}.cnf"),
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    }
+
+    /// The trust anchors of a `ca_file` holding `name`.pem, as the router reads it.
+    fn ca_file(&self, name: &str) -> CaCertificates {
+        CaCertificates::from_pem(&std::fs::read(self.dir.join(format!("{name}.pem"))).unwrap())
+            .unwrap()
+    }
+
+    /// A TLS server presenting `name`.pem.
+    fn acceptor(&self, name: &str) -> tokio_rustls::TlsAcceptor {
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(self.dir.join(format!("{name}.pem")))
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(self.dir.join(format!("{name}.key"))).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_ca_file_updates_cloudflare_by_ip_and_dynu_by_name() {
+    let pki = Pki::new("ok");
+    // Cloudflare at https://127.0.0.1:PORT (the certificate's IP SAN) ...
+    let (cf, p) = cf_server_at(
+        |_| {},
+        Reach {
+            tls: Some(pki.acceptor("good")),
+            host: Some("127.0.0.1"),
+            ca: Some(pki.ca_file("ca")),
+        },
+    )
+    .await;
+    let e = start(settings(p), healthy(&["203.0.113.10", "2001:db8::11"]));
+    wait_until("cloudflare holds the set", Duration::from_secs(5), || {
+        let s = cf.lock().unwrap();
+        s.ours("A") == ["203.0.113.10"] && s.ours("AAAA") == ["2001:db8::11"]
+    })
+    .await;
+    wait_until("update counted", Duration::from_secs(2), || {
+        e.metrics.updates_count("cloudflare", "written") == 1
+    })
+    .await;
+    assert_eq!(
+        e.metrics.updates_count("cloudflare", "failed"),
+        0,
+        "{:?}",
+        e.metrics.last_error()
+    );
+    e.cancel.cancel();
+    // ... and Dynu at https://localhost:PORT (its DNS SAN).
+    let (dy, p) = dynu_server_at(
+        |_| {},
+        Reach {
+            tls: Some(pki.acceptor("good")),
+            host: Some("localhost"),
+            ca: Some(pki.ca_file("ca")),
+        },
+    )
+    .await;
+    let e = start(settings(p), healthy(&["203.0.113.10"]));
+    wait_until("dynu holds the set", Duration::from_secs(5), || {
+        dy.lock().unwrap().ours("A") == ["203.0.113.10"]
+    })
+    .await;
+    wait_until("update counted", Duration::from_secs(2), || {
+        e.metrics.updates_count("dynu", "written") == 1
+    })
+    .await;
+    assert_eq!(
+        e.metrics.updates_count("dynu", "failed"),
+        0,
+        "{:?}",
+        e.metrics.last_error()
+    );
+    e.cancel.cancel();
+}
+
+/// Runs the engine against a stand-in the client must refuse; returns the error message
+/// after at least two attempts (the engine's backoff retries), and checks no request reached
+/// the stand-in.
+async fn refused_cloudflare(reach: Reach) -> String {
+    let (cf, p) = cf_server_at(|_| {}, reach).await;
+    let e = start(settings(p), healthy(&["203.0.113.10"]));
+    wait_until("retries", Duration::from_secs(5), || {
+        e.metrics.updates_count("cloudflare", "failed") >= 2
+    })
+    .await;
+    assert_eq!(e.metrics.current_error(), Some("transport"));
+    assert!(!e.task.is_finished());
+    {
+        let s = cf.lock().unwrap();
+        assert!(s.records.is_empty(), "written through a refused connection");
+        assert_eq!(
+            (s.list_calls, s.batch_calls),
+            (0, 0),
+            "a request reached the server"
+        );
+    }
+    e.cancel.cancel();
+    e.metrics.last_error().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_certificate_not_signed_by_the_ca_is_refused_and_retried() {
+    let pki = Pki::new("rogue");
+    let msg = refused_cloudflare(Reach {
+        tls: Some(pki.acceptor("rogue")),
+        host: Some("127.0.0.1"),
+        ca: Some(pki.ca_file("ca")),
+    })
+    .await;
+    assert!(
+        msg.contains("certificate is not signed by a trusted CA")
+            && msg.contains("ddns.provider.cloudflare.ca_file"),
+        "{msg}"
+    );
+    // Without ca_file the Mozilla roots are the anchors: the test CA is not among them, and
+    // the message says what would make it trusted.
+    let msg = refused_cloudflare(Reach {
+        tls: Some(pki.acceptor("good")),
+        host: Some("127.0.0.1"),
+        ca: None,
+    })
+    .await;
+    assert!(
+        msg.contains("not signed by a trusted CA")
+            && msg.contains("Mozilla root CAs")
+            && msg.contains("set ddns.provider.cloudflare.ca_file"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_certificate_for_another_hostname_is_refused_and_retried() {
+    let pki = Pki::new("name");
+    let msg = refused_cloudflare(Reach {
+        tls: Some(pki.acceptor("other-name")),
+        host: Some("127.0.0.1"),
+        ca: Some(pki.ca_file("ca")),
+    })
+    .await;
+    assert!(
+        msg.contains("certificate is not valid for the hostname 127.0.0.1")
+            && msg.contains("ddns.provider.cloudflare.api_url"),
+        "{msg}"
+    );
+    // The same by name: a certificate for api.example.net does not cover localhost.
+    let msg = refused_cloudflare(Reach {
+        tls: Some(pki.acceptor("other-name")),
+        host: Some("localhost"),
+        ca: Some(pki.ca_file("ca")),
+    })
+    .await;
+    assert!(
+        msg.contains("certificate is not valid for the hostname localhost"),
+        "{msg}"
+    );
 }

@@ -851,3 +851,57 @@ fn flows_kept_when_one_of_four_gateways_dies() {
         "hash-threshold moves some surviving flows"
     );
 }
+
+/// A reload that moves the egress table and rule priority: the new manager's first reconcile
+/// (with the old settings to retire) leaves no rule or route of the old ones, and the next
+/// reconcile writes nothing. Without `retire_previous` the old rules stay (checked first).
+#[test]
+fn a_changed_table_and_rule_priority_leave_nothing_behind() {
+    let ns = router("retire");
+    let name = ns.name.clone();
+    let old = settings();
+    let new = EgressSettings {
+        table: 181,
+        rule_priority: 20888,
+        ..settings()
+    };
+    let (orphans_without, after, again) = ns.run(move || async move {
+        let ns = std::mem::ManuallyDrop::new(Netns { name });
+        let mut a = EgressManager::new(old.clone(), Metrics::new()).unwrap();
+        a.reconcile(&healthy(&[0, 1])).await.unwrap();
+        // Without retiring: the old rules survive the new manager.
+        let mut b = EgressManager::new(new.clone(), Metrics::new()).unwrap();
+        b.reconcile(&healthy(&[0, 1])).await.unwrap();
+        let old_rules = |ns: &Netns| {
+            ns.json(&["rule", "show"])
+                .iter()
+                .filter(|r| r["priority"] == 10888 || r["priority"] == 10887)
+                .count()
+        };
+        let orphans_without = old_rules(&ns);
+        // With retiring: a fresh manager for the new settings removes them.
+        let mut c = EgressManager::new(new, Metrics::new()).unwrap();
+        c.retire_previous(&old);
+        c.reconcile(&healthy(&[0, 1])).await.unwrap();
+        let after = (old_rules(&ns), table(&ns, "180").len());
+        let again = c.reconcile(&healthy(&[0, 1])).await.unwrap();
+        (orphans_without, after, again)
+    });
+    assert!(
+        orphans_without > 0,
+        "the old rules were gone without retiring: the check proves nothing"
+    );
+    assert_eq!(
+        after,
+        (0, 0),
+        "rules at the old priorities, routes in the old table 180"
+    );
+    assert_eq!(again.writes, 0, "{:?}", again.changes);
+    let rules = ns.json(&["rule", "show"]);
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["priority"] == 20888 && r["table"] == "181"),
+        "{rules:?}"
+    );
+}

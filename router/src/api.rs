@@ -1,10 +1,19 @@
 //! The api server on `api.listen`: `/metrics` (OpenMetrics text), `/healthz` (the process
 //! serves), `/readyz` (every running component has done its first reconcile) and `/status`
 //! (JSON of every component). Read-only: nothing here changes daemon state.
+//!
+//! Whoever reaches the address can connect, so what a connection may cost is bounded: the
+//! request head must arrive within [`HEADER_READ_TIMEOUT`] and fit in [`MAX_HEAD_BYTES`]; a
+//! connection lives at most [`CONNECTION_LIFETIME`] (keep-alive included); at most
+//! [`MAX_CONNECTIONS`] are open, and when they are, the oldest is closed for a new one, so slow
+//! clients cannot keep the kubelet's probes and Prometheus out; one address has at most
+//! [`MAX_CONNECTIONS_PER_ADDRESS`]. Both limits are logged once per [`REFUSAL_LOG_INTERVAL`].
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -110,8 +119,132 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("api.listen {addr}: {e}")))
 }
 
+/// A request head (request line and headers) must be complete this soon after the connection
+/// opened or the previous response was sent.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request head read (hyper's read buffer; a larger head is answered 431).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Headers in one request.
+pub const MAX_HEADERS: usize = 32;
+/// A connection is closed (gracefully, between requests) this long after it was accepted.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Open connections in all.
+pub const MAX_CONNECTIONS: usize = 128;
+/// Open connections from one source address.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 16;
+/// How often a refused connection is logged at most (with the count since the last line).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One open connection.
+#[derive(Debug)]
+struct Open {
+    address: IpAddr,
+    /// Cancelled to close the connection at once (it is the oldest and a slot is needed).
+    evict: CancellationToken,
+}
+
+/// The open connections. Ids grow with the accept order, so the smallest is the oldest.
+#[derive(Debug, Default)]
+struct Slots {
+    next_id: u64,
+    open: std::collections::BTreeMap<u64, Open>,
+    by_address: HashMap<IpAddr, usize>,
+    refused: u64,
+    evicted: u64,
+    last_logged: Option<tokio::time::Instant>,
+}
+
+impl Slots {
+    fn forget(&mut self, id: u64) {
+        if let Some(o) = self.open.remove(&id) {
+            if let Some(n) = self.by_address.get_mut(&o.address) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.by_address.remove(&o.address);
+                }
+            }
+        }
+    }
+}
+
+/// One taken slot; dropping it gives the slot back.
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    id: u64,
+    evict: CancellationToken,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget(self.id);
+    }
+}
+
+/// Takes a slot for a connection from `peer`. All slots taken: the oldest connection is closed
+/// to make room — a slow client's connection is always older than a probe that just arrived,
+/// and a real client reconnects. One address at its own limit: the new connection is refused.
+/// Both are counted and logged now and then.
+fn take_slot(slots: &Arc<Mutex<Slots>>, peer: SocketAddr) -> Option<Slot> {
+    let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
+    let address = peer.ip();
+    let from_peer = s.by_address.get(&address).copied().unwrap_or(0);
+    let slot = if from_peer >= MAX_CONNECTIONS_PER_ADDRESS {
+        s.refused += 1;
+        None
+    } else {
+        if s.open.len() >= MAX_CONNECTIONS {
+            if let Some((&oldest, _)) = s.open.iter().next() {
+                if let Some(o) = s.open.get(&oldest) {
+                    o.evict.cancel();
+                }
+                s.forget(oldest);
+                s.evicted += 1;
+            }
+        }
+        let id = s.next_id;
+        s.next_id += 1;
+        let evict = CancellationToken::new();
+        s.open.insert(
+            id,
+            Open {
+                address,
+                evict: evict.clone(),
+            },
+        );
+        *s.by_address.entry(address).or_insert(0) += 1;
+        Some(Slot {
+            slots: slots.clone(),
+            id,
+            evict,
+        })
+    };
+    let now = tokio::time::Instant::now();
+    if (s.refused > 0 || s.evicted > 0)
+        && s.last_logged
+            .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_INTERVAL)
+    {
+        tracing::warn!(
+            %peer,
+            open = s.open.len(),
+            refused = s.refused,
+            evicted = s.evicted,
+            limit = MAX_CONNECTIONS,
+            limit_per_address = MAX_CONNECTIONS_PER_ADDRESS,
+            "api: connection limit reached: the oldest connections were closed to make room (evicted), connections from addresses at their own limit refused (counts since the last line)"
+        );
+        s.refused = 0;
+        s.evicted = 0;
+        s.last_logged = Some(now);
+    }
+    slot
+}
+
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, state: Arc<ApiState>, shutdown: CancellationToken) {
+    let slots = Arc::new(Mutex::new(Slots::default()));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -125,9 +258,15 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>, shutdown: Cancel
                 }
             },
         };
+        let Some(slot) = take_slot(&slots, peer) else {
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let evict = slot.evict.clone();
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let openmetrics = req
                     .headers()
@@ -138,14 +277,34 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>, shutdown: Cancel
                 async move { Ok::<_, Infallible>(resp) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .max_headers(MAX_HEADERS)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "api: connection ended with an error");
-                },
-                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+            let lifetime = tokio::time::sleep(CONNECTION_LIFETIME);
+            tokio::pin!(lifetime);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "api: connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = shutdown.cancelled(), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = &mut lifetime, if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = evict.cancelled() => break,
+                }
             }
         });
     }

@@ -54,6 +54,33 @@ pub struct Supervisor {
 /// terminationGracePeriodSeconds (30 s).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How often a busy `api.listen` is tried again; an error is logged every
+/// [`API_BIND_LOG_EVERY`] tries.
+const API_BIND_RETRY: Duration = Duration::from_secs(1);
+const API_BIND_LOG_EVERY: u32 = 30;
+
+/// Binds `listen` until it works (or shutdown), then serves.
+async fn bind_and_serve(listen: SocketAddr, state: Arc<ApiState>, shutdown: CancellationToken) {
+    let mut tries: u32 = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(API_BIND_RETRY) => {}
+        }
+        tries = tries.saturating_add(1);
+        match api::bind(listen).await {
+            Ok(listener) => {
+                tracing::info!(api = %listen, tries, "api: listening");
+                return api::serve(listener, state, shutdown).await;
+            }
+            Err(e) if tries.is_multiple_of(API_BIND_LOG_EVERY) => {
+                tracing::error!(error = %e, tries, "api: still cannot listen; retrying");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// The egress hashing report for `config` (`/status` daemon.egress_hashing), with a warning
 /// when routers may pick different gateways for one flow.
 fn egress_hashing(sysctl_root: &Path, config: &Config) -> Option<sysctl::EgressHashing> {
@@ -107,7 +134,7 @@ impl Supervisor {
     }
 
     /// Re-reads the config file. On any error the running config stays as it is.
-    pub fn reload(&mut self) -> Result<(), Vec<String>> {
+    pub async fn reload(&mut self) -> Result<(), Vec<String>> {
         let result = config::load(&self.path)
             .map_err(|e| e.lines())
             .and_then(|loaded| {
@@ -148,7 +175,7 @@ impl Supervisor {
                     level.set(&new.log);
                 }
                 self.config = new.clone();
-                self.engines.apply(&new);
+                self.engines.apply(&new).await;
                 let now = unix_now();
                 self.metrics
                     .config_reloads
@@ -172,14 +199,21 @@ impl Supervisor {
     pub async fn run(mut self, registry: Registry) -> Result<(), StartError> {
         let shutdown = self.shutdown.clone();
         let listen: SocketAddr = self.config.api.listen;
-        let listener = api::bind(listen).await.map_err(StartError::Api)?;
         let state = Arc::new(ApiState {
             registry,
             board: self.board.clone(),
         });
-        let api_task = tokio::spawn(api::serve(listener, state, shutdown.clone()));
+        // A busy or missing address is retried, not a reason to exit: a restarted router that
+        // exits at once over its api would give up VRRP, and the engines run without the api.
+        let api_task = match api::bind(listen).await {
+            Ok(listener) => tokio::spawn(api::serve(listener, state, shutdown.clone())),
+            Err(e) => {
+                tracing::error!(error = %e, retry_every = ?API_BIND_RETRY, "api: cannot listen; the engines run, the api is retried (probes fail until it listens)");
+                tokio::spawn(bind_and_serve(listen, state, shutdown.clone()))
+            }
+        };
         let config = self.config.clone();
-        self.engines.apply(&config);
+        self.engines.apply(&config).await;
         tracing::info!(api = %listen, config = %self.path.display(), "vpn-router running");
 
         let mut hup = signal(SignalKind::hangup()).map_err(StartError::Api)?;
@@ -189,7 +223,7 @@ impl Supervisor {
             tokio::select! {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading config");
-                    let _ = self.reload();
+                    let _ = self.reload().await;
                 }
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }

@@ -2,7 +2,10 @@
 //! daemon's api, SIGHUP reload (a bad file keeps the running config), SIGTERM, the metrics
 //! format (checked by Prometheus' own `promtool`), and that secrets never reach logs or /status.
 
-#![allow(clippy::unwrap_used)] // test harness: a failed setup step should panic right there
+#![allow(clippy::unwrap_used)]
+// test harness: a failed setup step should panic right there
+// The slow-client test measures wall time against the real daemon.
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)]
 
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -646,4 +649,181 @@ fn daemon_in_a_netns_sets_its_sysctls_and_never_shows_secrets() {
     }
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["components"]["ddns"]["state"], "running", "{body}");
+}
+
+/// VmRSS of `pid` in kB.
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A TCP connection to `to` from the loopback address `from` (127/8 is all local).
+fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::from((from, 0)).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(2))?;
+    Ok(s.into())
+}
+
+/// True once the server has closed `s` (EOF or reset), within `within`.
+fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+    use std::io::Read as _;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a 408 or 431 answer, then the close
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// The slow-client attack on the api: 1,000 connections from 100 addresses that each send half
+/// a request head. The daemon keeps at most its connection limits open, closes the rest at once
+/// and the slow ones after the header timeout, keeps answering the kubelet's probe (from
+/// another address) quickly, and its memory stays bounded. An idle keep-alive connection is
+/// closed too. Prints the numbers (docs/benchmarks.md).
+#[test]
+fn slow_clients_cannot_starve_the_api_or_its_memory() {
+    let dir = Scratch::new("slow");
+    let port = free_port();
+    let api = SocketAddr::from(([127, 0, 0, 1], port));
+    let cfg = dir.file("api.yaml", &format!("api:\n  listen: 127.0.0.1:{port}\n"));
+    let d = Daemon::start(&cfg, api, dir.0.join("log"));
+    let pid = d.child.id();
+    let rss_before = rss_kb(pid);
+    let t0 = std::time::Instant::now();
+    let mut slow = Vec::new();
+    for i in 0..1000u32 {
+        let from = std::net::Ipv4Addr::new(127, 0, 1, u8::try_from(1 + i % 100).unwrap());
+        if let Ok(mut s) = connect_from(from, api) {
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+            slow.push(s);
+        }
+    }
+    let opened = t0.elapsed();
+    // The kubelet's probes meanwhile, from another address.
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        let (code, body) = d.get("/healthz");
+        worst = worst.max(t.elapsed());
+        assert_eq!(
+            code,
+            200,
+            "/healthz under load: {code} {body}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rss_loaded = rss_kb(pid);
+    // Connections over the limits were closed at once; the rest within the header timeout.
+    let mut closed_at_once = 0;
+    for s in &mut slow {
+        if closed_by_server(s, Duration::from_millis(1)) {
+            closed_at_once += 1;
+        }
+    }
+    let t1 = std::time::Instant::now();
+    let mut still_open = 0;
+    for s in &mut slow {
+        let left = (Duration::from_secs(8)).saturating_sub(t1.elapsed());
+        if !closed_by_server(s, left.max(Duration::from_millis(1))) {
+            still_open += 1;
+        }
+    }
+    let all_closed_after =
+        t1.elapsed() + Duration::from_millis(u64::try_from(opened.as_millis()).unwrap_or(0));
+    // An idle keep-alive connection after one request.
+    let mut idle = connect_from(std::net::Ipv4Addr::new(127, 0, 2, 1), api).unwrap();
+    write!(idle, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let t2 = std::time::Instant::now();
+    let idle_closed = closed_by_server(&mut idle, Duration::from_secs(70));
+    let idle_after = t2.elapsed();
+    let log = d.log_text();
+    eprintln!(
+        "api under 1000 slow connections from 100 addresses: {} closed at once (the oldest evicted for newer ones, or over the per-address limit), probe worst {} ms, RSS {} -> {} kB, slow ones closed within {:.1} s, idle keep-alive closed after {:.1} s",
+        closed_at_once,
+        worst.as_millis(),
+        rss_before,
+        rss_loaded,
+        all_closed_after.as_secs_f64(),
+        idle_after.as_secs_f64()
+    );
+    assert_eq!(
+        still_open, 0,
+        "{still_open} slow connections still open 8 s later"
+    );
+    assert!(
+        closed_at_once >= 1000 - 128,
+        "only {closed_at_once} connections over the limits were closed at once"
+    );
+    assert!(log.contains("evicted"), "{log}");
+    assert!(
+        worst < Duration::from_secs(1),
+        "a probe took {worst:?} under load"
+    );
+    assert!(
+        rss_loaded < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} to {rss_loaded} kB"
+    );
+    assert!(idle_closed, "an idle keep-alive connection stayed open");
+    assert!(
+        log.contains("api: connection limit reached"),
+        "no log line about the limit:\n{log}"
+    );
+}
+
+/// A busy api port is no reason to exit (a router that exits gives up VRRP): the daemon keeps
+/// running, says so, and serves once the port is free.
+#[test]
+fn a_busy_api_port_is_retried_not_fatal() {
+    let dir = Scratch::new("busy");
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = holder.local_addr().unwrap();
+    let cfg = dir.file("api.yaml", &format!("api:\n  listen: {api}\n"));
+    let log = dir.0.join("log");
+    let err = std::fs::File::create(&log).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon exited over a busy api port:\n{text}"
+    );
+    assert!(text.contains("api: cannot listen"), "{text}");
+    drop(holder);
+    let mut answered = false;
+    for _ in 0..100 {
+        if TcpStream::connect(api).is_ok() {
+            answered = http_get(api, "/healthz").0 == 200;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        answered,
+        "the api did not come up once the port was free:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }

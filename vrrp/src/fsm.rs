@@ -21,6 +21,12 @@
 //!   hears an advert with priority > 0 from the new master (or `handoff_timeout` passes), so
 //!   clients are never left without a router; then, after half an advert interval (the new
 //!   master announces the VIPs just after its advert), it removes them and stops.
+//! - Advert screening (VRRPv3 has no authentication): an advert from a source outside
+//!   `allowed_peers` (when set), or with a Max Adver Int above `max_peer_advert_interval`, is
+//!   discarded before any RFC rule sees it — it neither demotes a master nor sets a backup's
+//!   Master_Adver_Interval (§6.4.2) — and reported as [`Action::DiscardAdvert`]. So one forged
+//!   advert can hold the VIPs away for at most 3 × `max_peer_advert_interval` + Skew_Time, and
+//!   not at all from a source outside `allowed_peers`.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -61,6 +67,13 @@ pub struct FsmConfig {
     /// Longest a shutting-down master keeps its addresses waiting for the new master.
     #[serde(with = "serde_duration")]
     pub handoff_timeout: Duration,
+    /// Adverts whose Max Adver Int is longer are discarded (`interval_too_long`) instead of
+    /// setting Master_Adver_Interval: this bounds how long one advert can make us wait.
+    #[serde(with = "serde_duration")]
+    pub max_peer_advert_interval: Duration,
+    /// Adverts from other sources are discarded (`unknown_peer`); empty: any source.
+    #[serde(default)]
+    pub allowed_peers: Vec<IpAddr>,
 }
 
 /// RFC 5798 states.
@@ -170,6 +183,26 @@ impl Reason {
     }
 }
 
+/// Why an otherwise valid advert was not used (a local policy beyond RFC 5798 §7.1's checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Discard {
+    /// The source is not in `allowed_peers`.
+    UnknownPeer,
+    /// Its Max Adver Int is above `max_peer_advert_interval`.
+    IntervalTooLong,
+}
+
+impl Discard {
+    /// snake_case name: the `reason` label of `vpn_router_vrrp_invalid_packets_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Discard::UnknownPeer => "unknown_peer",
+            Discard::IntervalTooLong => "interval_too_long",
+        }
+    }
+}
+
 /// Outputs, performed in order. An `Arm*` replaces a pending timer of the same kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
@@ -216,6 +249,11 @@ pub enum Action {
     },
     /// The instance finished (after `Shutdown`); the runner returns.
     Stopped,
+    /// The advert just received was discarded without any effect; the runner counts it.
+    DiscardAdvert {
+        /// Why.
+        reason: Discard,
+    },
 }
 
 /// One VRRP instance's protocol state.
@@ -501,6 +539,25 @@ impl Fsm {
         if src == self.config.primary_addr {
             return;
         }
+        // VRRPv3 has no authentication (RFC 5798 §9): any host on the segment can send a
+        // valid advert. Two local checks bound what one such advert can do, whatever our
+        // state: its source must be a configured peer, and its Max Adver Int must be one we
+        // are willing to wait for. §6.4.2 would set Master_Adver_Interval from it, and a
+        // single priority-255 advert with 40.95 s then leaves the VIPs unheld for
+        // 3 × 40.95 s + Skew_Time. Discarding (not clamping) makes such an advert change
+        // nothing at all: clamped, it would still take the VIPs away for 3 × the bound.
+        if !self.config.allowed_peers.is_empty() && !self.config.allowed_peers.contains(&src) {
+            out.push(Action::DiscardAdvert {
+                reason: Discard::UnknownPeer,
+            });
+            return;
+        }
+        if interval > self.config.max_peer_advert_interval {
+            out.push(Action::DiscardAdvert {
+                reason: Discard::IntervalTooLong,
+            });
+            return;
+        }
         match self.state {
             State::Initialize => {}
             State::Backup => {
@@ -581,6 +638,8 @@ mod tests {
             primary_addr: "192.168.28.1".parse().unwrap(),
             track: None,
             handoff_timeout: Duration::from_millis(3 * interval_ms),
+            max_peer_advert_interval: Duration::from_millis(10 * interval_ms),
+            allowed_peers: Vec::new(),
         }
     }
 

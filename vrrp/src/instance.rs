@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::error::InstanceError;
-use crate::fsm::{Action, Event, Fsm, FsmConfig, State, Track};
+use crate::fsm::{Action, Discard, Event, Fsm, FsmConfig, State, Track};
 use crate::gratuitous::GratuitousConfig;
 use crate::metrics::{InstanceLabel, ReasonLabels, VrrpMetrics};
 use crate::netlink::Netlink;
@@ -75,6 +75,30 @@ pub struct InstanceConfig {
     /// VRIDs of the daemon's other instances on the same interface: their adverts are not
     /// counted as `unknown_vrid`.
     pub sibling_vrids: Vec<u8>,
+    /// Adverts with a longer Max Adver Int are discarded (`interval_too_long`); None means
+    /// [`default_max_peer_advert_interval`].
+    pub max_peer_advert_interval: Option<Duration>,
+    /// Only adverts from these sources are used (others: `unknown_peer`); empty: any source,
+    /// or with `unicast_peers` exactly those (then this list, if set, must be the same set).
+    pub allowed_peers: Vec<IpAddr>,
+}
+
+/// How many of our own advert intervals a peer's Max Adver Int may be by default.
+pub const MAX_PEER_ADVERT_INTERVAL_FACTOR: u32 = 10;
+
+/// The longest Max Adver Int the wire format of `version` carries: 40.95 s (v3, 12 bits of
+/// centiseconds), 255 s (v2, 8 bits of seconds).
+pub fn max_wire_advert_interval(version: Version) -> Duration {
+    match version {
+        Version::V2 => Duration::from_secs(255),
+        Version::V3 => Duration::from_millis(u64::from(packet::V3_MAX_ADVER_INT_CS) * 10),
+    }
+}
+
+/// `max_peer_advert_interval` when not configured: 10 × our own `advert_interval`, at most
+/// what the wire format carries (then there is no bound beyond the RFC's).
+pub fn default_max_peer_advert_interval(version: Version, advert_interval: Duration) -> Duration {
+    (advert_interval * MAX_PEER_ADVERT_INTERVAL_FACTOR).min(max_wire_advert_interval(version))
 }
 
 impl InstanceConfig {
@@ -97,7 +121,15 @@ impl InstanceConfig {
             gratuitous: GratuitousConfig::default(),
             handoff_timeout: None,
             sibling_vrids: Vec::new(),
+            max_peer_advert_interval: None,
+            allowed_peers: Vec::new(),
         }
+    }
+
+    /// `max_peer_advert_interval`, or its default.
+    pub fn effective_max_peer_advert_interval(&self) -> Duration {
+        self.max_peer_advert_interval
+            .unwrap_or_else(|| default_max_peer_advert_interval(self.version, self.advert_interval))
     }
 
     /// Checks what the state machine and the wire format require.
@@ -131,6 +163,31 @@ impl InstanceConfig {
             return Err(err(
                 "unicast_peers must be of the virtual_ips' family".into()
             ));
+        }
+        if self.allowed_peers.iter().any(|p| Family::of(p) != family) {
+            return Err(err(
+                "allowed_peers must be of the virtual_ips' family".into()
+            ));
+        }
+        if !self.unicast_peers.is_empty() && !self.allowed_peers.is_empty() {
+            let set = |v: &[IpAddr]| v.iter().copied().collect::<BTreeSet<IpAddr>>();
+            if set(&self.unicast_peers) != set(&self.allowed_peers) {
+                return Err(err(
+                    "allowed_peers differs from unicast_peers; with unicast_peers only those \
+                     are heard, so list the same addresses or leave allowed_peers empty"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(max) = self.max_peer_advert_interval {
+            let wire = max_wire_advert_interval(self.version);
+            if max < self.advert_interval || max > wire {
+                return Err(err(format!(
+                    "max_peer_advert_interval {max:?}: expected at least advert_interval \
+                     ({:?}) and at most {wire:?}",
+                    self.advert_interval
+                )));
+            }
         }
         match self.version {
             Version::V2 => {
@@ -175,6 +232,14 @@ impl InstanceConfig {
             handoff_timeout: self
                 .handoff_timeout
                 .unwrap_or_else(|| (self.advert_interval * 3).max(HANDOFF_TIMEOUT_FLOOR)),
+            max_peer_advert_interval: self.effective_max_peer_advert_interval(),
+            // With unicast peers the runner hears nobody else anyway (`unknown_peer` before
+            // decoding); the state machine gets the same set, so its rule is the one in force.
+            allowed_peers: if self.allowed_peers.is_empty() {
+                self.unicast_peers.clone()
+            } else {
+                self.allowed_peers.clone()
+            },
         }
     }
 }
@@ -275,7 +340,8 @@ pub struct RunHandles {
     /// Shared metrics.
     pub metrics: VrrpMetrics,
     /// New configs on reload; only priority, preempt, preempt_delay, advert_interval,
-    /// track, handoff_timeout and gratuitous take effect without a restart.
+    /// track, handoff_timeout, gratuitous, max_peer_advert_interval and allowed_peers take
+    /// effect without a restart.
     pub reload: Option<watch::Receiver<InstanceConfig>>,
     /// Wall-clock time at the moment `run` is called (library code does not read the wall
     /// clock); used for `last_transition` timestamps.
@@ -354,6 +420,8 @@ struct Runner {
     priority_gauge: Gauge,
     wall_start: SystemTime,
     status: InstanceStatus,
+    /// Discard reasons already logged as a warning (see `count_advert`).
+    warned_discards: BTreeSet<&'static str>,
 }
 
 /// Runs one instance until `shutdown` is cancelled and the handover finished.
@@ -463,6 +531,7 @@ pub(crate) async fn run_with(
         metrics,
         wall_start: handles.wall_clock_at_start,
         status,
+        warned_discards: BTreeSet::new(),
         cfg: config,
     };
     tracing::info!(
@@ -754,9 +823,47 @@ impl Runner {
         self.cfg.track = new.track;
         self.cfg.handoff_timeout = new.handoff_timeout;
         self.cfg.gratuitous = new.gratuitous;
+        self.cfg.max_peer_advert_interval = new.max_peer_advert_interval;
+        self.cfg.allowed_peers = new.allowed_peers;
         Some(Event::ConfigChanged {
             config: self.cfg.fsm_config(self.socket.source()),
         })
+    }
+
+    /// Counts an advert the state machine judged: received, or discarded by its screening
+    /// (`fsm::Discard`). The first discard of each reason is a warning naming the key that
+    /// governs it (a legitimate peer configured differently shows up here); later ones are
+    /// debug lines, as every other rejected packet: an attacker must not be able to flood
+    /// the log.
+    fn count_advert(&mut self, actions: &[Action], src: IpAddr, interval: Duration) {
+        let Some(reason) = actions.iter().find_map(|a| match a {
+            Action::DiscardAdvert { reason } => Some(*reason),
+            _ => None,
+        }) else {
+            self.received.inc();
+            return;
+        };
+        self.count_invalid(reason.as_str());
+        // Built only when a line is written (tracing evaluates its arguments then).
+        let max = self.cfg.effective_max_peer_advert_interval();
+        let detail = || match reason {
+            Discard::UnknownPeer => format!(
+                "source {src} is not an allowed peer (allowed_peers, or unicast_peers); add it \
+                 there if it is one of ours"
+            ),
+            Discard::IntervalTooLong => format!(
+                "its Max Adver Int {} is above max_peer_advert_interval {}; raise that if the \
+                 peer is legitimate",
+                humantime::format_duration(interval),
+                humantime::format_duration(max)
+            ),
+        };
+        let name = &self.cfg.name;
+        if self.warned_discards.insert(reason.as_str()) {
+            tracing::warn!(instance = %name, %src, reason = reason.as_str(), "VRRP advert discarded: {}; further discards for this reason are logged at debug level only (all are counted in vpn_router_vrrp_invalid_packets_total)", detail());
+        } else {
+            tracing::debug!(instance = %name, %src, reason = reason.as_str(), "VRRP advert discarded: {}", detail());
+        }
     }
 
     fn count_invalid(&mut self, reason: &str) {
@@ -787,14 +894,12 @@ impl Runner {
         let payload = buf.get(rx.payload.clone())?;
         match packet::decode(payload, &rx.meta, ctx, v2_interval) {
             Ok(adv) if adv.vrid != self.cfg.vrid => None,
-            Ok(adv) => {
-                self.received.inc();
-                Some(Event::AdvertReceived {
-                    priority: adv.priority,
-                    max_adver_interval: adv.interval(),
-                    src: rx.meta.src,
-                })
-            }
+            // Counted as received (or discarded) once the state machine judged it.
+            Ok(adv) => Some(Event::AdvertReceived {
+                priority: adv.priority,
+                max_adver_interval: adv.interval(),
+                src: rx.meta.src,
+            }),
             Err(e) => {
                 tracing::debug!(instance = %self.cfg.name, src = %rx.meta.src, error = %e, "VRRP packet rejected");
                 self.count_invalid(e.reason());
@@ -896,7 +1001,18 @@ impl Runner {
 
     /// Feeds an event and performs the actions; true once the instance stopped.
     async fn feed(&mut self, event: Event) -> bool {
+        let advert = match &event {
+            Event::AdvertReceived {
+                src,
+                max_adver_interval,
+                ..
+            } => Some((*src, *max_adver_interval)),
+            _ => None,
+        };
         let actions = self.fsm.handle(event, self.now());
+        if let Some((src, interval)) = advert {
+            self.count_advert(&actions, src, interval);
+        }
         let stopped = self.perform(actions).await;
         self.publish();
         stopped
@@ -950,6 +1066,8 @@ impl Runner {
             Action::SendAdvert { .. } | Action::AddVips | Action::RemoveVips | Action::Stopped => {
                 return Err(action)
             }
+            // Counted by `count_advert`, which knows the advert.
+            Action::DiscardAdvert { .. } => {}
             Action::SendGratuitous => {
                 self.announce();
                 let g = self.cfg.gratuitous;
@@ -1143,5 +1261,90 @@ impl Runner {
         }
         tracing::info!(instance = %self.cfg.name, "VRRP instance stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> InstanceConfig {
+        InstanceConfig::new(
+            "r",
+            "eth0",
+            51,
+            vec![VirtualIp {
+                addr: "192.168.28.254".parse().unwrap(),
+                prefix_len: 24,
+                interface: "eth0".into(),
+            }],
+        )
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn max_peer_advert_interval_defaults_to_ten_intervals_within_the_field() {
+        let mut c = cfg();
+        assert_eq!(
+            c.effective_max_peer_advert_interval(),
+            Duration::from_secs(1)
+        );
+        c.advert_interval = Duration::from_secs(5);
+        assert_eq!(
+            c.effective_max_peer_advert_interval(),
+            Duration::from_millis(40_950)
+        );
+        c.version = Version::V2;
+        c.advert_interval = Duration::from_secs(30);
+        assert_eq!(
+            c.effective_max_peer_advert_interval(),
+            Duration::from_secs(255)
+        );
+        let f = cfg().fsm_config(ip("192.168.28.1"));
+        assert_eq!(f.max_peer_advert_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn max_peer_advert_interval_is_validated() {
+        let mut c = cfg();
+        c.max_peer_advert_interval = Some(Duration::from_millis(50));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("VRRP instance r: max_peer_advert_interval"),
+            "{e}"
+        );
+        c.max_peer_advert_interval = Some(Duration::from_millis(40_960));
+        assert!(c.validate().is_err());
+        c.max_peer_advert_interval = Some(Duration::from_millis(40_950));
+        c.validate().unwrap();
+        c.max_peer_advert_interval = Some(Duration::from_millis(100));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unicast_peers_are_the_allowed_set_and_allowed_peers_must_agree() {
+        let mut c = cfg();
+        c.unicast_peers = vec![ip("192.168.28.2"), ip("192.168.28.3")];
+        let f = c.fsm_config(ip("192.168.28.1"));
+        assert_eq!(f.allowed_peers, c.unicast_peers);
+        c.allowed_peers = vec![ip("192.168.28.3"), ip("192.168.28.2")];
+        c.validate().unwrap();
+        c.allowed_peers = vec![ip("192.168.28.2")];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("allowed_peers differs from unicast_peers"),
+            "{e}"
+        );
+        c.unicast_peers.clear();
+        c.validate().unwrap();
+        assert_eq!(
+            c.fsm_config(ip("192.168.28.1")).allowed_peers,
+            vec![ip("192.168.28.2")]
+        );
+        c.allowed_peers = vec![ip("fd28::2")];
+        assert!(c.validate().is_err());
     }
 }

@@ -34,12 +34,14 @@ pub struct StateLabels {
 pub struct ReasonLabels {
     /// Instance name.
     pub instance: String,
-    /// `DecodeError::reason()` or `unknown_peer`.
+    /// `DecodeError::reason()`, or a `fsm::Discard` reason (`unknown_peer`,
+    /// `interval_too_long`).
     pub reason: String,
 }
 
-/// Reasons counted besides the decoder's.
-pub const EXTRA_INVALID_REASONS: [&str; 1] = ["unknown_peer"];
+/// Reasons counted besides the decoder's: the state machine's screening (`fsm::Discard`;
+/// `unknown_peer` also for a packet from outside `unicast_peers`, dropped before decoding).
+pub const EXTRA_INVALID_REASONS: [&str; 2] = ["unknown_peer", "interval_too_long"];
 
 /// All VRRP metrics. Cloning shares the underlying series.
 #[derive(Debug, Clone, Default)]
@@ -189,6 +191,25 @@ mod tests {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
         out
+    }
+
+    #[test]
+    fn every_discard_reason_has_a_series_from_the_start() {
+        use crate::fsm::Discard;
+        for d in [Discard::UnknownPeer, Discard::IntervalTooLong] {
+            assert!(
+                EXTRA_INVALID_REASONS.contains(&d.as_str()),
+                "{} is not created in advance",
+                d.as_str()
+            );
+        }
+        let m = VrrpMetrics::new();
+        m.init_instance("a");
+        let text = exposition(&m);
+        assert!(
+            text.contains(r#"vpn_router_vrrp_invalid_packets_total{instance="a",reason="interval_too_long"} 0"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -452,6 +452,254 @@ fn ipv6_vip_elects_and_fails_over() {
     assert!(has_vip(&lab.ns("b"), "fd28::254"));
 }
 
+// ---------- forged adverts (advert screening) ----------
+
+/// Sends one VRRPv3 advert for VRID 51 / VIP 192.168.28.254 from namespace `ns` (the client,
+/// 192.168.28.3: not a router), built with the crate's own encoder and sent through its own
+/// socket — what any host on the segment can send, VRRPv3 having no authentication.
+fn send_forged_advert(ns: &str, priority: u8, max_adver_int: Duration) {
+    use vrrp::network::{SocketParams, VrrpSocket};
+    use vrrp::packet::{Advertisement, Family, MULTICAST_V4};
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        let f = File::open(format!("/var/run/netns/{ns}")).unwrap();
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let socket = VrrpSocket::open(&SocketParams {
+                interface: "eth0".into(),
+                family: Family::V4,
+                unicast_peers: Vec::new(),
+                exclude_sources: Vec::new(),
+            })
+            .unwrap();
+            let adv = Advertisement {
+                version: Version::V3,
+                vrid: 51,
+                priority,
+                adver_int: Advertisement::adver_int_field(Version::V3, max_adver_int),
+                addresses: vec!["192.168.28.254".parse().unwrap()],
+            };
+            let dst = IpAddr::V4(MULTICAST_V4);
+            let bytes = adv
+                .encode(socket.source(), dst, vrrp::ChecksumMode::PseudoHeader)
+                .unwrap();
+            socket.try_send(&bytes, dst).unwrap();
+        });
+    })
+    .join()
+    .unwrap();
+}
+
+/// How long the VIP was unheld (no router master) while watching.
+#[derive(Debug)]
+struct Unheld {
+    /// The longest stretch without a master.
+    longest: Duration,
+    /// Still without a master when watching ended.
+    at_end: bool,
+}
+
+/// Watches the routers' states every millisecond for `window`; with `until_held_again`,
+/// returns as soon as a master is back after a stretch without one.
+fn watch_vip(routers: &[&Ours], window: Duration, until_held_again: bool) -> Unheld {
+    let t0 = Instant::now();
+    let mut since: Option<Instant> = None;
+    let mut longest = Duration::ZERO;
+    loop {
+        let now = Instant::now();
+        let held = routers.iter().any(|r| r.state() == State::Master);
+        match (held, since) {
+            (false, None) => since = Some(now),
+            (true, Some(s)) => {
+                longest = longest.max(now - s);
+                since = None;
+                if until_held_again {
+                    return Unheld {
+                        longest,
+                        at_end: false,
+                    };
+                }
+            }
+            _ => {}
+        }
+        if now - t0 >= window {
+            if let Some(s) = since {
+                longest = longest.max(now - s);
+            }
+            return Unheld {
+                longest,
+                at_end: since.is_some(),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `vpn_router_vrrp_invalid_packets_total{instance, reason}` as the metric holds it.
+fn invalid_count(o: &Ours, reason: &str) -> u64 {
+    o.metrics
+        .invalid_packets
+        .get(&vrrp::metrics::ReasonLabels {
+            instance: o.name.clone(),
+            reason: reason.to_string(),
+        })
+        .map_or(0, |c| c.get())
+}
+
+const FORGED_MAX_INTERVAL: Duration = Duration::from_millis(40_950);
+
+/// Two routers at 100 ms (a 150 master, b 100 backup), each with `setup` applied.
+fn forged_lab(setup: impl Fn(&mut InstanceConfig)) -> (Lab, Ours, Ours) {
+    let lab = Lab::new();
+    let mut ca = cfg("r", 150, 100);
+    let mut cb = cfg("r", 100, 100);
+    setup(&mut ca);
+    setup(&mut cb);
+    let a = Ours::start(&lab.ns("a"), ca);
+    let b = Ours::start(&lab.ns("b"), cb);
+    a.wait_state(State::Master, Duration::from_secs(3));
+    b.wait_state(State::Backup, Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(300));
+    (lab, a, b)
+}
+
+/// RFC-literal (max_peer_advert_interval raised to 40.95 s, what every router did before the
+/// bound existed): one forged priority-255 advert with 40.95 s leaves the VIP unheld for
+/// 3 × 40.95 s + Skew. This is the control for the tests below: it proves the forged advert
+/// is one the routers accept, so "nothing happened" there is the screening's doing.
+#[test]
+fn forged_advert_stalls_failover_when_rfc_literal() {
+    let (lab, a, b) = forged_lab(|c| c.max_peer_advert_interval = Some(FORGED_MAX_INTERVAL));
+    send_forged_advert(&lab.ns("c"), 255, FORGED_MAX_INTERVAL);
+    // Watching the whole stall takes over two minutes: only on request.
+    let wait_out = std::env::var_os("VRRP_TEST_WAIT_OUT_STALL").is_some_and(|v| v == "1");
+    if wait_out {
+        let u = watch_vip(&[&a, &b], Duration::from_secs(200), true);
+        eprintln!("RFC-literal, waited out: VIP unheld for {:?}", u.longest);
+        assert!(!u.at_end && u.longest > Duration::from_secs(120), "{u:?}");
+        return;
+    }
+    let watched = Duration::from_secs(10);
+    let u = watch_vip(&[&a, &b], watched, false);
+    eprintln!(
+        "RFC-literal (max_peer_advert_interval 40.95s): one forged 255/40.95s advert -> VIP unheld \
+         for {:?}{} (protocol: until a's Master_Down 3 x 40.95s + Skew = 139.8s; \
+         VRRP_TEST_WAIT_OUT_STALL=1 watches it all)",
+        u.longest,
+        if u.at_end {
+            ", still unheld when the test stopped watching"
+        } else {
+            ""
+        }
+    );
+    assert!(
+        u.at_end && u.longest >= watched - Duration::from_millis(500),
+        "the forged advert should have stalled failover: {u:?}, a {:?}, b {:?}",
+        a.status(),
+        b.status()
+    );
+    assert!(!has_vip(&lab.ns("a"), "192.168.28.254") && !has_vip(&lab.ns("b"), "192.168.28.254"));
+}
+
+/// The defaults (max_peer_advert_interval = 10 × 100 ms = 1 s): the 40.95 s advert is
+/// discarded and counted; the worst a forger can do within the bound (priority 255 with
+/// exactly 1 s) takes the VIP away for 3 × 1 s + Skew, not two minutes.
+#[test]
+fn forged_long_interval_advert_is_discarded_and_the_worst_case_is_bounded() {
+    let (lab, a, b) = forged_lab(|_| {});
+    let transitions = a.status().transitions;
+    send_forged_advert(&lab.ns("c"), 255, FORGED_MAX_INTERVAL);
+    let u = watch_vip(&[&a, &b], Duration::from_millis(1500), false);
+    eprintln!(
+        "defaults (max_peer_advert_interval 1s): one forged 255/40.95s advert -> VIP unheld for {:?}",
+        u.longest
+    );
+    assert_eq!(u.longest, Duration::ZERO, "{u:?}");
+    assert_eq!(a.state(), State::Master);
+    assert_eq!(a.status().transitions, transitions, "{:?}", a.status());
+    assert!(has_vip(&lab.ns("a"), "192.168.28.254"));
+    // Each router hears a multicast advert from a MAC that is not the VMAC twice: on the
+    // parent's socket and on the VMAC's (see `VrrpSocket::add_vmac_receiver`).
+    for o in [&a, &b] {
+        let n = invalid_count(o, "interval_too_long");
+        assert!((1..=2).contains(&n), "{n}: {:?}", o.status());
+        assert_eq!(o.status().invalid.get("interval_too_long"), Some(&n));
+    }
+
+    // Within the bound the advert is accepted as the RFC says: a steps down and the routers
+    // wait for the forger's Master_Down, 3 × 1 s + Skew (a, priority 150: 0.41 s).
+    let bound = Duration::from_secs(1);
+    send_forged_advert(&lab.ns("c"), 255, bound);
+    let u = watch_vip(&[&a, &b], Duration::from_secs(15), true);
+    eprintln!(
+        "defaults: one forged 255/1s advert (the longest the bound lets through) -> VIP unheld \
+         for {:?} (protocol: 3 x 1s + Skew = 3.41s)",
+        u.longest
+    );
+    assert!(!u.at_end, "no master came back: {u:?}");
+    assert!(
+        u.longest > Duration::from_secs(2),
+        "a 255/1s advert must demote the master for about 3 s: {u:?}"
+    );
+    // Protocol bound with a generous margin: 3 × bound + Skew (< bound) + 2 s.
+    assert!(u.longest < bound * 4 + Duration::from_secs(2), "{u:?}");
+    a.wait_state(State::Master, Duration::from_secs(2));
+    assert!(has_vip(&lab.ns("a"), "192.168.28.254"));
+}
+
+/// allowed_peers: a forged advert from a host that is not a peer changes nothing at all,
+/// whatever its priority and interval; it shows in the counter.
+#[test]
+fn allowed_peers_make_a_forged_advert_change_nothing() {
+    let lab = Lab::new();
+    let peers: Vec<IpAddr> = vec![
+        "192.168.28.1".parse().unwrap(),
+        "192.168.28.2".parse().unwrap(),
+    ];
+    let mut ca = cfg("r", 150, 100);
+    ca.allowed_peers = peers.clone();
+    let mut cb = cfg("r", 100, 100);
+    cb.allowed_peers = peers;
+    let a = Ours::start(&lab.ns("a"), ca);
+    let b = Ours::start(&lab.ns("b"), cb);
+    a.wait_state(State::Master, Duration::from_secs(3));
+    b.wait_state(State::Backup, Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(300));
+    let (ta, tb) = (a.status().transitions, b.status().transitions);
+    let received_by_b = b.adverts_received();
+    for (prio, interval) in [
+        (255, FORGED_MAX_INTERVAL),
+        (255, Duration::from_millis(100)),
+        (0, Duration::from_millis(100)),
+    ] {
+        send_forged_advert(&lab.ns("c"), prio, interval);
+    }
+    let u = watch_vip(&[&a, &b], Duration::from_millis(1500), false);
+    eprintln!(
+        "allowed_peers: forged 255/40.95s, 255/100ms and 0/100ms adverts from 192.168.28.3 -> VIP \
+         unheld for {:?}",
+        u.longest
+    );
+    assert_eq!(u.longest, Duration::ZERO, "{u:?}");
+    assert_eq!((a.status().transitions, b.status().transitions), (ta, tb));
+    assert_eq!((a.state(), b.state()), (State::Master, State::Backup));
+    assert!(has_vip(&lab.ns("a"), "192.168.28.254"));
+    // Three adverts, each heard once or twice (parent and VMAC socket, as above).
+    for o in [&a, &b] {
+        let n = invalid_count(o, "unknown_peer");
+        assert!((3..=6).contains(&n), "{n}: {:?}", o.status());
+        assert_eq!(invalid_count(o, "interval_too_long"), 0, "{:?}", o.status());
+    }
+    assert!(
+        b.adverts_received() > received_by_b,
+        "b still hears a, an allowed peer"
+    );
+}
+
 // ---------- keepalived interop ----------
 
 struct Keepalived {
@@ -649,6 +897,50 @@ fn interop(version: u8, unicast: bool) {
         a2.status().invalid
     );
     ka2.assert_no_complaints();
+}
+
+/// A legitimate keepalived peer with a longer interval than `max_peer_advert_interval` lets
+/// through (here 2 s against our 1 s default) is discarded like a forger — visibly: the
+/// counter goes up and we become master too. Raising the key, as docs/configuration.md says,
+/// makes it interoperate as RFC 5798 says.
+#[test]
+fn keepalived_with_a_longer_interval_needs_max_peer_advert_interval_raised() {
+    let lab = Lab::new();
+    let ka = Keepalived::start(&lab.ns("b"), 3, 200, "2", None);
+    ka.wait_log("Entering MASTER STATE", Duration::from_secs(10));
+
+    let mut ours = Ours::start(&lab.ns("a"), cfg("r", 100, 100));
+    ours.wait_state(State::Master, Duration::from_secs(3));
+    let t0 = Instant::now();
+    while invalid_count(&ours, "interval_too_long") == 0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        invalid_count(&ours, "interval_too_long") > 0,
+        "keepalived's 2 s adverts should be discarded: {:?}",
+        ours.status()
+    );
+    assert_eq!(ours.adverts_received(), 0, "{:?}", ours.status());
+    ours.stop().unwrap();
+
+    let mut raised = cfg("r", 100, 100);
+    raised.max_peer_advert_interval = Some(Duration::from_secs(2));
+    let ours = Ours::start(&lab.ns("a"), raised);
+    // Until it first hears keepalived a starting backup times out on its own interval
+    // (3 × 100 ms + Skew, RFC 5798 §6.4.1) and may be master for up to 2 s: mixed intervals
+    // do that with any implementation. Once it has heard one advert it takes keepalived's
+    // 2 s as Master_Adver_Interval and stays backup.
+    let t0 = Instant::now();
+    while ours.adverts_received() == 0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ours.wait_state(State::Backup, Duration::from_secs(1));
+    let settled = ours.status().transitions;
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(ours.state(), State::Backup, "{:?}", ours.status());
+    assert_eq!(ours.status().transitions, settled, "{:?}", ours.status());
+    assert!(ours.adverts_received() > 0, "{:?}", ours.status());
+    assert_eq!(invalid_count(&ours, "interval_too_long"), 0);
 }
 
 #[test]

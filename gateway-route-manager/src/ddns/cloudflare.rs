@@ -89,6 +89,7 @@ impl Cloudflare {
             AUTHORIZATION,
             &format!("Bearer {}", p.api_token.expose()),
             settings.request_timeout,
+            p.ca_certificates.as_ref(),
         )?;
         Ok(Cloudflare {
             api,

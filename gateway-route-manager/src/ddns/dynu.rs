@@ -91,6 +91,7 @@ impl Dynu {
             HeaderName::from_static("api-key"),
             p.api_key.expose(),
             settings.request_timeout,
+            p.ca_certificates.as_ref(),
         )?;
         Ok(Dynu {
             api,

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::cloudflare::Cloudflare;
 use super::dynu::Dynu;
 use super::error::DdnsError;
+use super::http::MAX_RETRY_AFTER;
 use super::metrics::DdnsMetrics;
 use super::provider::{holds_exactly, Provider, ProviderRecord};
 use super::records::{wanted_records, RecordType, WantedRecords};
@@ -179,8 +180,8 @@ impl<P: Provider> Engine<P> {
                         };
                         self.metrics.count_update(self.provider.name(), result);
                         self.metrics.set_error_message(None);
-                        let now = s.wall_clock_at_start + self.started.elapsed();
-                        if let Ok(d) = now.duration_since(UNIX_EPOCH) {
+                        let now = s.wall_clock_at_start.checked_add(self.started.elapsed());
+                        if let Some(Ok(d)) = now.map(|n| n.duration_since(UNIX_EPOCH)) {
                             self.metrics.last_success.set(d.as_secs_f64());
                         }
                         for t in RecordType::ALL {
@@ -191,15 +192,12 @@ impl<P: Provider> Engine<P> {
                         }
                     }
                     backoff = s.retry_initial;
-                    due = Some(Instant::now() + s.resync_interval);
+                    due = Some(deadline_after(s.resync_interval));
                 }
                 Err(e) => {
                     self.metrics.count_update(self.provider.name(), "failed");
                     self.metrics.set_error_message(Some(&e));
-                    let wait = match &e {
-                        DdnsError::RateLimited { retry_after, .. } => (*retry_after).max(backoff),
-                        _ => backoff,
-                    };
+                    let wait = retry_wait(&e, backoff);
                     let text = e.to_string();
                     if last_error.as_deref() != Some(text.as_str()) {
                         tracing::warn!(hostname = %s.hostname, provider = self.provider.name(), kind = e.kind(), retry_in = ?wait, "ddns: update failed: {text}");
@@ -207,10 +205,10 @@ impl<P: Provider> Engine<P> {
                         tracing::debug!(hostname = %s.hostname, retry_in = ?wait, "ddns: update failed again: {text}");
                     }
                     last_error = Some(text);
-                    backoff = (backoff * 2).min(s.retry_max);
-                    due = Some(Instant::now() + wait);
+                    backoff = backoff.saturating_mul(2).min(s.retry_max);
+                    due = Some(deadline_after(wait));
                     if matches!(e, DdnsError::RateLimited { .. }) {
-                        not_before = Instant::now() + wait;
+                        not_before = deadline_after(wait);
                     }
                 }
             }
@@ -262,11 +260,36 @@ impl<P: Provider> Engine<P> {
 /// Fixed-window debounce: the first change of a burst sets the deadline, later ones keep it
 /// (unless the pending attempt is further away, e.g. a backoff or the resync timer).
 fn debounced(due: Option<Instant>, debounce: Duration) -> Instant {
-    let soon = Instant::now() + debounce;
+    let soon = deadline_after(debounce);
     match due {
         Some(at) if at <= soon => at,
         _ => soon,
     }
+}
+
+/// How long to wait after a failed attempt: the backoff, or a rate limit's `Retry-After` when
+/// that is longer, never more than [`MAX_RETRY_AFTER`] for the `Retry-After` part (the HTTP
+/// client clamps it already; this holds for any provider).
+fn retry_wait(e: &DdnsError, backoff: Duration) -> Duration {
+    match e {
+        DdnsError::RateLimited { retry_after, .. } => {
+            (*retry_after).min(MAX_RETRY_AFTER).max(backoff)
+        }
+        _ => backoff,
+    }
+}
+
+/// Beyond any timer this engine means; what a deadline saturates to (tokio's own `sleep`
+/// uses about as far for durations it cannot add).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// `now + d` that cannot panic: `Instant + Duration` panics on overflow, and `d` may come from
+/// the network (`Retry-After`) or the settings (debounce, resync interval).
+fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d.min(FAR_FUTURE))
+        .or_else(|| now.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(now)
 }
 
 fn show_set(s: &BTreeSet<IpAddr>) -> String {

@@ -18,6 +18,7 @@ mod metrics;
 mod provider;
 pub mod records;
 mod rfc2136;
+mod tls;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -27,10 +28,12 @@ pub use cloudflare::{Cloudflare, CLOUDFLARE_API_URL};
 pub use dynu::{Dynu, DYNU_API_URL};
 pub use engine::run;
 pub use error::DdnsError;
+pub use http::{check_api_url, ApiUrlError, MAX_BODY_BYTES, MAX_RETRY_AFTER};
 pub use metrics::DdnsMetrics;
 pub use provider::{Provider, ProviderRecord};
 pub use records::{wanted_records, RecordType, WantedRecords};
 pub use rfc2136::Rfc2136;
+pub use tls::{CaCertificates, CaFileError};
 
 /// A credential (API token, API key, TSIG key) that `Debug` never prints.
 #[derive(Clone, PartialEq, Eq)]
@@ -88,6 +91,8 @@ pub struct CloudflareSettings {
     pub api_url: String,
     pub zone_id: String,
     pub api_token: Credential,
+    /// `ca_file`: when set, the only CAs trusted for `api_url` (instead of the Mozilla roots).
+    pub ca_certificates: Option<CaCertificates>,
 }
 
 /// `ddns.provider.dynu`.
@@ -96,6 +101,8 @@ pub struct DynuSettings {
     /// API v2 base URL without a trailing slash ([`DYNU_API_URL`] by default).
     pub api_url: String,
     pub api_key: Credential,
+    /// `ca_file`: when set, the only CAs trusted for `api_url` (instead of the Mozilla roots).
+    pub ca_certificates: Option<CaCertificates>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -132,26 +132,31 @@ impl Rfc2136 {
             ))
         })?;
         let background = tokio::spawn(background);
-        let answer = client.send(message).next().await;
+        // hickory times the UDP exchange out itself (and reads each datagram into a buffer of
+        // at most 4096 bytes, so an answer cannot make it allocate more); this bound holds
+        // whatever hickory does, e.g. for a server that floods forged answers it drops.
+        let answer = tokio::time::timeout(self.timeout, client.send(message).next()).await;
         background.abort();
         match answer {
-            Some(Ok(r)) => Ok(r),
-            Some(Err(e)) => Err(self.classify(e, what)),
-            None => Err(DdnsError::Transport(format!(
-                "rfc2136 {}: {what}: no answer",
-                self.server
-            ))),
+            Ok(Some(Ok(r))) => Ok(r),
+            Ok(Some(Err(e))) => Err(self.classify(e, what)),
+            // hickory ends the stream without an item when its own timeout fires.
+            Ok(None) | Err(_) => Err(self.no_answer(what)),
         }
+    }
+
+    fn no_answer(&self, what: &str) -> DdnsError {
+        DdnsError::Transport(format!(
+            "rfc2136 {}: {what}: no answer within {:?}; check ddns.provider.rfc2136.server and that the server is reachable",
+            self.server, self.timeout
+        ))
     }
 
     fn classify(&self, e: ProtoError, what: &str) -> DdnsError {
         let text = e.to_string();
         if matches!(e.kind(), hickory_proto::ProtoErrorKind::Timeout) || text.contains("timed out")
         {
-            return DdnsError::Transport(format!(
-                "rfc2136 {}: {what}: no answer within {:?}; check ddns.provider.rfc2136.server and that the server is reachable",
-                self.server, self.timeout
-            ));
+            return self.no_answer(what);
         }
         let lower = text.to_ascii_lowercase();
         if lower.contains("truncated hmac") {
@@ -284,5 +289,69 @@ impl Provider for Rfc2136 {
         }
         let response = self.exchange(m, &what).await?;
         self.check_rcode(&response, &what)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use tokio::net::UdpSocket;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::ddns::{Credential, ProviderSettings};
+
+    fn provider(server: SocketAddr, timeout: Duration) -> Rfc2136 {
+        let p = Rfc2136Settings {
+            server,
+            zone: "example.com".into(),
+            key_name: "ddns-key".into(),
+            key_algorithm: TsigAlgorithm::HmacSha256,
+            key_secret_base64: Credential::new("c2VjcmV0LXRzaWcta2V5LWJ5dGVz"),
+        };
+        let mut s = DdnsSettings::new(
+            "vpn.example.com",
+            Duration::from_secs(60),
+            4,
+            ProviderSettings::Rfc2136(p.clone()),
+            SystemTime::UNIX_EPOCH,
+        );
+        s.request_timeout = timeout;
+        Rfc2136::new(&s, &p).unwrap()
+    }
+
+    /// A server that answers each query with a flood of 60 KB datagrams carrying the query's
+    /// id: neither the size nor the number of answers makes the read last longer than the
+    /// request timeout (or grow memory: hickory reads into a fixed buffer and drops them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flooding_server_cannot_hold_a_read_past_the_timeout() {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = sock.local_addr().unwrap();
+        let flood = tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (_, peer) = sock.recv_from(&mut buf).await.unwrap();
+            let mut big = vec![0xffu8; 60_000];
+            big[..2].copy_from_slice(&buf[..2]);
+            big[2] = 0x80; // QR: an answer
+            for _ in 0..2_000 {
+                if sock.send_to(&big, peer).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let p = provider(server, timeout);
+        let started = Instant::now();
+        let e = p.read(RecordType::A).await.unwrap_err();
+        let took = started.elapsed();
+        flood.abort();
+        assert!(
+            took < timeout + Duration::from_millis(700),
+            "read lasted {took:?} with a {timeout:?} timeout"
+        );
+        assert_eq!(e.kind(), "transport", "{e}");
+        assert!(e.to_string().contains("no answer within"), "{e}");
     }
 }

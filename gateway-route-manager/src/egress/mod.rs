@@ -58,6 +58,8 @@ pub struct EgressManager {
     metrics: Metrics,
     ready: watch::Sender<bool>,
     kill_switch: watch::Sender<bool>,
+    /// What the settings before a reload owned, until one reconcile has removed its leftovers.
+    retiring: Option<Ownership>,
 }
 
 impl EgressManager {
@@ -75,11 +77,28 @@ impl EgressManager {
             metrics,
             ready,
             kill_switch,
+            retiring: None,
         })
     }
 
     pub fn settings(&self) -> &EgressSettings {
         &self.settings
+    }
+
+    /// After a reload: the rules and routes `previous` owned that these settings do not (another
+    /// `table` or `rule_priority`) are deleted by the next full reconcile, once.
+    pub fn retire_previous(&mut self, previous: &EgressSettings) {
+        let old = ownership(previous);
+        if old != self.ownership {
+            self.retiring = Some(old);
+        }
+    }
+
+    fn owned(&self) -> Ownership {
+        match &self.retiring {
+            Some(old) => self.ownership.with_retired(old),
+            None => self.ownership.clone(),
+        }
     }
 
     /// Becomes `true` after the first reconcile that applied everything (for `/readyz`).
@@ -131,11 +150,14 @@ impl EgressManager {
         };
         let kernel = self.dump().await?;
         let desired = plan(&self.settings, healthy, oif);
-        let changes = diff(&desired, &self.ownership, &kernel);
+        let changes = diff(&desired, &self.owned(), &kernel);
         let result = self.apply(changes).await;
         match (result, link_error) {
             (Ok(report), None) => {
                 self.ready.send_replace(true);
+                if self.retiring.take().is_some() {
+                    tracing::info!("egress: what the previous table/rule_priority left is removed");
+                }
                 Ok(report)
             }
             (Ok(_), Some(e)) => Err(EgressError::Apply { count: 1, first: e }),
@@ -158,8 +180,16 @@ impl EgressManager {
     async fn apply(&self, changes: Vec<Change>) -> Result<ApplyReport, EgressError> {
         let mut report = ApplyReport::default();
         let mut errors: Vec<NetlinkError> = Vec::new();
+        // A kill-switch route the kernel refused: nothing is deleted in this pass (diff orders
+        // deletions last), since removing the old routes or rules could leave client traffic
+        // with nothing but the main table. The next pass tries again.
+        let mut kill_switch_failed = false;
         for change in changes {
             let text = describe(&change);
+            if kill_switch_failed && is_delete(&change) {
+                tracing::warn!(change = %text, "egress: not deleting while the kill switch is not in place");
+                continue;
+            }
             let result = match &change {
                 Change::SetNexthop(n) => self.socket.set_nexthop(n).await,
                 Change::DeleteNexthop(id) => self.socket.delete_nexthop(*id).await,
@@ -181,6 +211,9 @@ impl EgressManager {
                         || is_delete(&change) && e.errno() == Some(libc::ENOENT) => {}
                 Err(e) => {
                     tracing::warn!(change = %text, error = %e, "egress: kernel refused a change");
+                    if matches!(&change, Change::SetRoute(r) if r.is_kill_switch()) {
+                        kill_switch_failed = true;
+                    }
                     errors.push(e);
                 }
             }

@@ -233,6 +233,22 @@ impl Ownership {
     pub fn owns_rule(&self, rule: &Rule) -> bool {
         rule.protocol == RTPROT_VPN_ROUTER && self.rule_priorities.contains(&rule.priority)
     }
+
+    /// This ownership plus the tables and rule priorities of `previous` (the settings before a
+    /// reload): the first reconcile after a change of `table` or `rule_priority` deletes what the
+    /// old settings left, after the new kill switch and rules are in (diff's order). Nexthop ids
+    /// are not configurable, so they stay this ownership's.
+    pub fn with_retired(&self, previous: &Ownership) -> Ownership {
+        Ownership {
+            tables: self.tables.union(&previous.tables).copied().collect(),
+            rule_priorities: self
+                .rule_priorities
+                .union(&previous.rule_priorities)
+                .copied()
+                .collect(),
+            nexthop_ids: self.nexthop_ids.clone(),
+        }
+    }
 }
 
 pub fn ownership(settings: &EgressSettings) -> Ownership {

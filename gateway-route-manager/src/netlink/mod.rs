@@ -110,6 +110,14 @@ impl Route {
     pub fn key(&self) -> (u32, Ipv4Net, u32) {
         (self.table, self.dst, self.metric)
     }
+
+    /// A blackhole or unreachable route: the last resort that keeps traffic off other tables.
+    pub fn is_kill_switch(&self) -> bool {
+        matches!(
+            self.target,
+            RouteTarget::Blackhole | RouteTarget::Unreachable
+        )
+    }
 }
 
 /// An IPv4 policy rule.

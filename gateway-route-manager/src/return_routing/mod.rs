@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::consistent::BucketTable;
-use crate::egress::{diff, Change, KernelState};
+use crate::egress::{diff, Change, KernelState, Ownership};
 use crate::error::NetlinkError;
 use crate::health::HealthyGateways;
 use crate::netlink::{describe_rule, RouteSocket};
@@ -187,6 +187,8 @@ pub struct ReturnRoutingManager {
     status: watch::Sender<ReturnRoutingStatus>,
     /// The bucket table last written (for move counting).
     last_table: Option<BucketTable>,
+    /// What the settings before a reload owned, until one reconcile has removed its leftovers.
+    retiring: Option<Ownership>,
 }
 
 impl ReturnRoutingManager {
@@ -208,7 +210,17 @@ impl ReturnRoutingManager {
             metrics,
             status,
             last_table: None,
+            retiring: None,
         })
+    }
+
+    /// After a reload: the tables and rules `previous` owned that these settings do not (another
+    /// `table_base` or `rule_priority_base`) are deleted by the next reconcile, once.
+    pub fn retire_previous(&mut self, previous: &ReturnRoutingSettings) {
+        let old = ownership(previous);
+        if old != ownership(&self.settings) {
+            self.retiring = Some(old);
+        }
     }
 
     pub fn status(&self) -> watch::Receiver<ReturnRoutingStatus> {
@@ -275,7 +287,11 @@ impl ReturnRoutingManager {
             rules: self.socket.dump_rules().await?,
         };
         let desired = plan_routes(&self.settings, oif);
-        let changes = diff(&desired, &ownership(&self.settings), &kernel);
+        let own = match &self.retiring {
+            Some(old) => ownership(&self.settings).with_retired(old),
+            None => ownership(&self.settings),
+        };
+        let changes = diff(&desired, &own, &kernel);
         let mut errors = Vec::new();
         for change in changes {
             let text = describe(&change);
@@ -304,7 +320,12 @@ impl ReturnRoutingManager {
         }
         let count = errors.len();
         match errors.into_iter().next() {
-            None => Ok(()),
+            None => {
+                if self.retiring.take().is_some() {
+                    tracing::info!("return routing: what the previous table_base/rule_priority_base left is removed");
+                }
+                Ok(())
+            }
             Some(first) => Err(ReturnRoutingError::Apply { count, first }),
         }
     }
@@ -318,10 +339,7 @@ impl ReturnRoutingManager {
         let model = nft_model(&self.settings, table);
         let keep = model.egress.as_ref().is_some_and(|e| e.buckets.is_none());
         let objects = nft::render(&model);
-        let listed = {
-            let name = name.clone();
-            blocking(move || nft::list_table(&name)).await??
-        };
+        let listed = nft::list_table(&name).await?;
         let kernel = nft::view(listed.as_deref().unwrap_or_default());
         let desired = nft::view(&objects);
         let change = nft::compare(&desired, &kernel, keep);
@@ -339,10 +357,7 @@ impl ReturnRoutingManager {
             NftChange::None => String::new(),
         };
         let started = tokio::time::Instant::now();
-        {
-            let (name, what) = (name.clone(), what.clone());
-            blocking(move || nft::apply(&name, &what, &batch)).await??;
-        }
+        nft::apply(&name, &what, &batch).await?;
         let took = started.elapsed();
         self.metrics.nft_apply.observe(took.as_secs_f64());
         self.metrics.count(match change {
@@ -445,14 +460,6 @@ impl ReturnRoutingManager {
             }
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, NftError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| NftError::Join(e.to_string()))
 }
 
 fn is_delete(change: &Change) -> bool {

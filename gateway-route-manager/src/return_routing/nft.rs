@@ -74,8 +74,67 @@ pub enum NftError {
     },
     #[error("nft: table ip {table}: cannot parse `nft -j` output: {detail}")]
     Parse { table: String, detail: String },
-    #[error("nft: the blocking nft task failed: {0}")]
-    Join(String),
+    #[error("nft {what}: no answer within {after:?}; killed it (the kernel or nft hangs: try `nft list tables` in the pod)")]
+    Timeout {
+        what: String,
+        after: std::time::Duration,
+    },
+}
+
+/// Longest time one `nft` run may take. A transaction of the 4093-bucket map takes about
+/// 50 ms here; nft stuck on a lock or a wedged netlink socket must not stall reconciles forever.
+pub const NFT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How `program` ended.
+#[derive(Debug)]
+pub enum RunError {
+    /// It could not be started.
+    Spawn(std::io::Error),
+    /// It exited non-zero; its stderr.
+    Failed(String),
+    /// It did not finish within the timeout and was killed.
+    Timeout,
+}
+
+/// Runs `program args` with `input` on stdin and returns stdout; kills it after `timeout`
+/// (dropping a tokio child with `kill_on_drop` kills it, and tokio reaps it).
+pub async fn run_command(
+    program: &str,
+    args: &[&str],
+    input: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<String, RunError> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(if input.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let run = async {
+        let mut child = cmd.spawn().map_err(RunError::Spawn)?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin
+                .write_all(text.as_bytes())
+                .await
+                .map_err(RunError::Spawn)?;
+        }
+        let out = child.wait_with_output().await.map_err(RunError::Spawn)?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(RunError::Failed(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ))
+        }
+    };
+    tokio::time::timeout(timeout, run)
+        .await
+        .unwrap_or(Err(RunError::Timeout))
 }
 
 fn match_eq(left: Value, right: Value) -> Value {
@@ -487,54 +546,102 @@ pub fn kernel_buckets(kernel: &TableView) -> BTreeMap<String, String> {
     pairs(kernel.elems.get(BUCKETS))
 }
 
-fn nft_error(e: nftables::helper::NftablesError) -> (bool, String) {
-    use nftables::helper::NftablesError as E;
-    match e {
-        E::NftExecution { inner, .. } => (true, inner.to_string()),
-        E::NftFailed { stderr, .. } => (false, stderr.trim().to_owned()),
-        other => (false, other.to_string()),
-    }
-}
-
 /// Lists our table; `Ok(None)` when it does not exist.
-pub fn list_table(table: &str) -> Result<Option<Vec<Value>>, NftError> {
-    let args = ["list", "table", FAMILY, table];
-    match nftables::helper::get_current_ruleset_raw(nftables::helper::DEFAULT_NFT, args) {
+pub async fn list_table(table: &str) -> Result<Option<Vec<Value>>, NftError> {
+    let args = ["-j", "list", "table", FAMILY, table];
+    match run_command("nft", &args, None, NFT_TIMEOUT).await {
         Ok(text) => parse_listing(table, &text).map(Some),
-        Err(e) => match nft_error(e) {
-            (true, detail) => Err(NftError::Missing(detail)),
-            (false, detail) if detail.contains("No such file or directory") => Ok(None),
-            (false, detail) => Err(NftError::List {
-                table: table.to_owned(),
-                detail,
-            }),
-        },
+        Err(RunError::Spawn(e)) => Err(NftError::Missing(e.to_string())),
+        Err(RunError::Failed(detail)) if detail.contains("No such file or directory") => Ok(None),
+        Err(RunError::Failed(detail)) => Err(NftError::List {
+            table: table.to_owned(),
+            detail,
+        }),
+        Err(RunError::Timeout) => Err(NftError::Timeout {
+            what: format!("list table {FAMILY} {table}"),
+            after: NFT_TIMEOUT,
+        }),
     }
 }
 
 /// Applies one transaction.
-pub fn apply(table: &str, what: &str, batch: &Value) -> Result<(), NftError> {
+pub async fn apply(table: &str, what: &str, batch: &Value) -> Result<(), NftError> {
     let payload = batch.to_string();
-    nftables::helper::apply_ruleset_raw(
-        &payload,
-        nftables::helper::DEFAULT_NFT,
-        nftables::helper::DEFAULT_ARGS,
-    )
-    .map(drop)
-    .map_err(|e| match nft_error(e) {
-        (true, detail) => NftError::Missing(detail),
-        (false, detail) => NftError::Apply {
+    match run_command("nft", &["-j", "-f", "-"], Some(&payload), NFT_TIMEOUT).await {
+        Ok(_) => Ok(()),
+        Err(RunError::Spawn(e)) => Err(NftError::Missing(e.to_string())),
+        Err(RunError::Failed(detail)) => Err(NftError::Apply {
             table: table.to_owned(),
             what: what.to_owned(),
             detail,
-        },
-    })
+        }),
+        Err(RunError::Timeout) => Err(NftError::Timeout {
+            what: format!("-f - ({what})"),
+            after: NFT_TIMEOUT,
+        }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// A command that does not finish is killed at the timeout (no process left running).
+    #[tokio::test]
+    async fn a_hanging_command_is_killed_at_its_timeout() {
+        let pidfile = std::env::temp_dir().join(format!("nft-timeout-{}", std::process::id()));
+        let script = format!("echo $$ > {}; exec sleep 30", pidfile.display());
+        let started = tokio::time::Instant::now();
+        let r = run_command(
+            "sh",
+            &["-c", &script],
+            None,
+            std::time::Duration::from_millis(300),
+        )
+        .await;
+        assert!(matches!(r, Err(RunError::Timeout)), "{r:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let pid = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        let _ = std::fs::remove_file(&pidfile);
+        let pid = pid.trim();
+        assert!(!pid.is_empty(), "the script did not start");
+        // Killed: gone, or a zombie until tokio reaps it.
+        for _ in 0..50 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next().map(str::to_owned));
+            if !matches!(state.as_deref(), Some("S") | Some("R") | Some("D")) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("process {pid} still runs after the timeout");
+    }
+
+    #[tokio::test]
+    async fn failures_carry_stderr() {
+        let r = run_command(
+            "sh",
+            &["-c", "echo oops >&2; exit 3"],
+            None,
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            matches!(&r, Err(RunError::Failed(e)) if e == "oops"),
+            "{r:?}"
+        );
+        let r = run_command(
+            "/nonexistent/nft",
+            &[],
+            None,
+            std::time::Duration::from_secs(5),
+        )
+        .await;
+        assert!(matches!(r, Err(RunError::Spawn(_))), "{r:?}");
+    }
 
     fn model(buckets: Option<BTreeMap<u32, u32>>) -> NftModel {
         NftModel {

@@ -190,6 +190,17 @@ pub struct VrrpInstance {
     /// Re-send gratuitous ARP / NA this often while master; `0s` means never.
     #[serde(with = "humantime_serde_compat")]
     pub garp_master_refresh: Duration,
+    /// Adverts with a longer Max Adver Int are discarded instead of setting
+    /// Master_Adver_Interval. Resolved at parse time: absent, 10 × `advert_interval` (at
+    /// most the wire maximum; `vrrp::instance::default_max_peer_advert_interval`).
+    #[serde(with = "humantime_serde_compat")]
+    pub max_peer_advert_interval: Duration,
+    /// Only adverts from these sources are used; empty: any source (with `unicast_peers`:
+    /// those, which then must be the same set).
+    pub allowed_peers: Vec<At<IpAddr>>,
+    /// Where `allowed_peers` is (the instance's position when absent).
+    #[serde(skip)]
+    pub allowed_peers_at: Location,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -413,13 +424,46 @@ pub enum DdnsProvider {
         /// API v4 base URL; `None`: the real API. Tests point it at a local server.
         #[serde(skip_serializing_if = "Option::is_none")]
         api_url: Option<String>,
+        /// `None`: the Mozilla roots.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ca_file: Option<CaFile>,
     },
     Dynu {
         api_key: Secret,
         /// API v2 base URL; `None`: the real API.
         #[serde(skip_serializing_if = "Option::is_none")]
         api_url: Option<String>,
+        /// `None`: the Mozilla roots.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ca_file: Option<CaFile>,
     },
+}
+
+/// `ca_file` of an API provider: the CA certificates read from the PEM file when the config
+/// is loaded, the only ones that provider's HTTPS client then trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFile {
+    pub path: std::path::PathBuf,
+    pub certificates: gateway_route_manager::ddns::CaCertificates,
+}
+
+/// The path, the number of certificates and a fingerprint of their bytes: the engines compare
+/// sections as JSON on reload, so a CA file replaced in place restarts DDNS (certificates
+/// are public, the fingerprint hides nothing).
+impl Serialize for CaFile {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::hash::DefaultHasher::new();
+        for der in self.certificates.der() {
+            der.hash(&mut h);
+        }
+        s.serialize_str(&format!(
+            "{} ({} certificate(s), fingerprint {:016x})",
+            self.path.display(),
+            self.certificates.len(),
+            h.finish()
+        ))
+    }
 }
 
 impl DdnsProvider {

@@ -72,8 +72,14 @@ pub(crate) const RFC2136_KEYS: &[&str] = &[
     "key_secret",
     "key_secret_file",
 ];
-pub(crate) const CLOUDFLARE_KEYS: &[&str] = &["zone_id", "api_token", "api_token_file", "api_url"];
-pub(crate) const DYNU_KEYS: &[&str] = &["api_key", "api_key_file", "api_url"];
+pub(crate) const CLOUDFLARE_KEYS: &[&str] = &[
+    "zone_id",
+    "api_token",
+    "api_token_file",
+    "api_url",
+    "ca_file",
+];
+pub(crate) const DYNU_KEYS: &[&str] = &["api_key", "api_key_file", "api_url", "ca_file"];
 
 /// Every mapping of the config and the keys it accepts, by its path in the file (`[]` marks a
 /// list item; `""` is the top level). The same consts are what `Reader::object` checks against,
@@ -187,6 +193,8 @@ pub(crate) const VRRP_KEYS: &[&str] = &[
     "v3_checksum_as_v2",
     "garp_master_repeat",
     "garp_master_refresh",
+    "max_peer_advert_interval",
+    "allowed_peers",
 ];
 
 fn vrrp_instance(r: &mut Reader, n: &Node, p: &str) -> Option<VrrpInstance> {
@@ -215,10 +223,38 @@ fn vrrp_instance(r: &mut Reader, n: &Node, p: &str) -> Option<VrrpInstance> {
         VrrpVersion::V3 => Duration::from_millis(100),
         VrrpVersion::V2 => Duration::from_secs(1),
     };
+    let errors_before = r.errors.len();
     let advert_interval = o.or(r, "advert_interval", default_interval, |r, n, p| {
         let d = r.duration(n, p)?;
         advert_interval_ok(r, n, p, d, version)
     });
+    let advert_interval_valid = r.errors.len() == errors_before;
+    // A default relative to another key: resolved here, once advert_interval is known, so
+    // the loaded config holds the value in force and a reload that changes advert_interval
+    // moves it along unless it is set. The rule is the vrrp crate's.
+    let vrrp_version = match version {
+        VrrpVersion::V3 => ::vrrp::Version::V3,
+        VrrpVersion::V2 => ::vrrp::Version::V2,
+    };
+    let max_peer_advert_interval = o.or(
+        r,
+        "max_peer_advert_interval",
+        ::vrrp::instance::default_max_peer_advert_interval(vrrp_version, advert_interval),
+        |r, n, p| {
+            let d = r.duration(n, p)?;
+            let wire = ::vrrp::instance::max_wire_advert_interval(vrrp_version);
+            let shown = humantime::format_duration(d);
+            if d > wire {
+                r.error(n.at, format!("{p}: {shown} is out of range; expected at most {}, the longest interval a VRRPv{} advert carries", humantime::format_duration(wire), if version == VrrpVersion::V3 { 3 } else { 2 }));
+                return None;
+            }
+            if advert_interval_valid && d < advert_interval {
+                r.error(n.at, format!("{p}: {shown} is shorter than advert_interval {}; expected at least the instance's own interval (a peer configured like this router must be heard)", humantime::format_duration(advert_interval)));
+                return None;
+            }
+            Some(d)
+        },
+    );
     let preempt = o.or(r, "preempt", true, Reader::bool);
     let preempt_delay = o.or(r, "preempt_delay", Duration::ZERO, |r, n, p| {
         let d = r.duration(n, p)?;
@@ -237,6 +273,12 @@ fn vrrp_instance(r: &mut Reader, n: &Node, p: &str) -> Option<VrrpInstance> {
     let unicast_peers = o.or(r, "unicast_peers", Vec::new(), |r, n, p| {
         r.list(n, p, Reader::ip)
     });
+    let allowed_peers = o.or(r, "allowed_peers", Vec::new(), |r, n, p| {
+        r.list(n, p, |r, n, p| {
+            r.ip(n, p).map(|value| At { value, at: n.at })
+        })
+    });
+    let allowed_peers_at = o.get("allowed_peers").map_or(o.at, |n| n.at);
     let vmac = o.or(r, "vmac", true, Reader::bool);
     let default_if = interface.clone().unwrap_or_default();
     let virtual_ips = o.req(
@@ -275,6 +317,9 @@ fn vrrp_instance(r: &mut Reader, n: &Node, p: &str) -> Option<VrrpInstance> {
         v3_checksum_as_v2,
         garp_master_repeat,
         garp_master_refresh,
+        max_peer_advert_interval,
+        allowed_peers,
+        allowed_peers_at,
     })
 }
 
@@ -1113,39 +1158,65 @@ fn ddns_provider(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<DdnsP
             let zone_id = q.req(r, "zone_id", "the Cloudflare zone id", Reader::string);
             let api_token = secret(r, &q, "api_token", base);
             let api_url = q.opt(r, "api_url", api_url);
+            let ca_file = q.opt(r, "ca_file", |r, n, p| ca_file(r, n, p, base));
             Some(DdnsProvider::Cloudflare {
                 zone_id: zone_id?,
                 api_token: api_token?,
                 api_url,
+                ca_file,
             })
         }
         _ => {
             let q = r.object(node, &pp, DYNU_KEYS)?;
             let api_key = secret(r, &q, "api_key", base);
             let api_url = q.opt(r, "api_url", api_url);
+            let ca_file = q.opt(r, "ca_file", |r, n, p| ca_file(r, n, p, base));
             Some(DdnsProvider::Dynu {
                 api_key: api_key?,
                 api_url,
+                ca_file,
             })
         }
     }
 }
 
-/// A provider's API base URL (`http://` or `https://`, no query); trailing slashes dropped.
+/// A provider's API base URL: `https://`, or `http://` to a loopback host only (the
+/// credential must not cross a network in cleartext); no query. Trailing slashes dropped.
 fn api_url(r: &mut Reader, n: &Node, p: &str) -> Option<String> {
     let u = r.string(n, p)?;
-    let rest = u
-        .strip_prefix("https://")
-        .or_else(|| u.strip_prefix("http://"));
-    let host_ok = rest.is_some_and(|h| {
-        let host = h.split('/').next().unwrap_or_default();
-        !host.is_empty() && !h.contains(['?', '#', ' '])
-    });
-    if !host_ok {
-        r.error(n.at, format!("{p}: {u:?} is not an API base URL; expected https://host/path (http:// only for a local test server)"));
+    let u = u.trim_end_matches('/');
+    if let Err(e) = gateway_route_manager::ddns::check_api_url(u) {
+        r.error(n.at, format!("{p}: {u:?}: {e}"));
         return None;
     }
-    Some(u.trim_end_matches('/').to_owned())
+    Some(u.to_owned())
+}
+
+/// `ca_file`: a PEM file of one or more CA certificates (relative paths are relative to the
+/// config file), read and checked now so a missing or broken file is a config error here and
+/// not a failed update later.
+fn ca_file(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<CaFile> {
+    let path = base.join(r.string(n, p)?);
+    let pem = match std::fs::read(&path) {
+        Ok(pem) => pem,
+        Err(e) => {
+            r.error(
+                n.at,
+                format!(
+                    "{p}: cannot read {}: {e}; expected a readable PEM file of CA certificates",
+                    path.display()
+                ),
+            );
+            return None;
+        }
+    };
+    match gateway_route_manager::ddns::CaCertificates::from_pem(&pem) {
+        Ok(certificates) => Some(CaFile { path, certificates }),
+        Err(e) => {
+            r.error(n.at, format!("{p}: {}: {e}", path.display()));
+            None
+        }
+    }
 }
 
 /// RFC 1035 §2.3.1 host names (letters, digits, hyphens; labels 1-63; name ≤ 253), with the

@@ -121,6 +121,13 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     ("v3 interval not 10ms multiple", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, advert_interval: 15ms, virtual_ips: [10.1.1.1/24] }\n", &["2:59: vrrp[0].advert_interval: 15ms is not a multiple of 10ms"]),
     ("v3 interval too long", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, advert_interval: 41s, virtual_ips: [10.1.1.1/24] }\n", &["2:59: vrrp[0].advert_interval: 41s is out of range; expected a VRRPv3 interval 10ms-40.95s"]),
     ("v2 interval fractional", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, version: 2, advert_interval: 1500ms, virtual_ips: [10.1.1.1/24] }\n", &["2:71: vrrp[0].advert_interval: 1s 500ms is not a whole number of seconds"]),
+    ("max_peer_advert_interval above the v3 field", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, max_peer_advert_interval: 41s, virtual_ips: [10.1.1.1/24] }\n", &["2:68: vrrp[0].max_peer_advert_interval: 41s is out of range; expected at most 40s 950ms, the longest interval a VRRPv3 advert carries"]),
+    ("max_peer_advert_interval above the v2 field", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, version: 2, max_peer_advert_interval: 256s, virtual_ips: [10.1.1.1/24] }\n", &["2:80: vrrp[0].max_peer_advert_interval: 4m 16s is out of range; expected at most 4m 15s, the longest interval a VRRPv2 advert carries"]),
+    ("max_peer_advert_interval below our own", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, advert_interval: 1s, max_peer_advert_interval: 500ms, virtual_ips: [10.1.1.1/24] }\n", &["2:89: vrrp[0].max_peer_advert_interval: 500ms is shorter than advert_interval 1s; expected at least the instance's own interval"]),
+    ("max_peer_advert_interval not judged against a broken advert_interval", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, advert_interval: 15ms, max_peer_advert_interval: 10ms, virtual_ips: [10.1.1.1/24] }\n", &["2:59: vrrp[0].advert_interval: 15ms is not a multiple of 10ms"]),
+    ("allowed_peers of the other family", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, virtual_ips: [10.1.1.1/24], allowed_peers: [10.1.1.2, fd00::1] }\n", &["2:96: vrrp[0].allowed_peers[1]: fd00::1 is not of the instance's address family"]),
+    ("allowed_peers not an address", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, virtual_ips: [10.1.1.1/24], allowed_peers: [10.1.1.300] }\n", &["2:86: vrrp[0].allowed_peers[0]: \"10.1.1.300\" is not an IP address"]),
+    ("allowed_peers differ from unicast_peers", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, virtual_ips: [10.1.1.1/24], unicast_peers: [10.1.1.2, 10.1.1.3], allowed_peers: [10.1.1.2, 10.1.1.9] }\n", &["2:122: vrrp[0].allowed_peers: unicast peer 10.1.1.3 is missing; expected the same addresses as unicast_peers, or no allowed_peers", "2:133: vrrp[0].allowed_peers[1]: 10.1.1.9 is not one of unicast_peers"]),
     ("unknown key with suggestion", "vrrp:\n  - name: r\n    interface: eth0\n    vrid: 1\n    prority: 100\n    virtual_ips: [10.1.1.1/24]\n", &["5:5: vrrp[0]: unknown key `prority` (did you mean `priority`?)"]),
     ("unknown top-level key", "gateway:\n  interface: eth0\n", &["1:1: top level: unknown key `gateway` (did you mean `gateways`?)"]),
     ("missing required keys", "vrrp:\n  - name: r\n    vrid: 1\n", &["2:5: vrrp[0]: missing required key `interface`", "2:5: vrrp[0]: missing required key `virtual_ips`"]),
@@ -184,6 +191,54 @@ fn broken_configs_report_position_and_expectation() {
 fn vrrp_v2_defaults_to_a_one_second_interval() {
     let c = load_text("vrrp:\n  - { name: r, interface: eth0, vrid: 1, version: 2, virtual_ips: [10.1.1.1/24] }\n").unwrap().config;
     assert_eq!(c.vrrp[0].advert_interval, Duration::from_secs(1));
+}
+
+#[test]
+fn max_peer_advert_interval_defaults_to_ten_own_intervals_within_the_wire_format() {
+    let one = |extra: &str| {
+        let text = format!("vrrp:\n  - {{ name: r, interface: eth0, vrid: 1, virtual_ips: [10.1.1.1/24]{extra} }}\n");
+        let c = load_text(&text)
+            .unwrap_or_else(|e| panic!("{extra}: {e}"))
+            .config;
+        c.vrrp[0].clone()
+    };
+    assert_eq!(one("").max_peer_advert_interval, Duration::from_secs(1));
+    assert_eq!(
+        one(", advert_interval: 10ms").max_peer_advert_interval,
+        Duration::from_millis(100)
+    );
+    // 10 × 5s is more than a VRRPv3 advert can say: no bound beyond the RFC's.
+    assert_eq!(
+        one(", advert_interval: 5s").max_peer_advert_interval,
+        Duration::from_millis(40_950)
+    );
+    assert_eq!(
+        one(", version: 2").max_peer_advert_interval,
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        one(", version: 2, advert_interval: 30s").max_peer_advert_interval,
+        Duration::from_secs(255)
+    );
+    // Set: taken as is, from our own interval up to the field's maximum.
+    assert_eq!(
+        one(", max_peer_advert_interval: 40950ms").max_peer_advert_interval,
+        Duration::from_millis(40_950)
+    );
+    assert_eq!(
+        one(", max_peer_advert_interval: 100ms").max_peer_advert_interval,
+        Duration::from_millis(100)
+    );
+    let v = one("");
+    assert!(v.allowed_peers.is_empty());
+    // The same set as unicast_peers, in any order, is accepted.
+    let v = one(", unicast_peers: [10.1.1.2, 10.1.1.3], allowed_peers: [10.1.1.3, 10.1.1.2]");
+    let allowed: Vec<String> = v
+        .allowed_peers
+        .iter()
+        .map(|a| a.value.to_string())
+        .collect();
+    assert_eq!(allowed, ["10.1.1.3", "10.1.1.2"]);
 }
 
 #[test]

@@ -74,6 +74,24 @@ fn vrrp(r: &mut Reader, c: &Config) {
                 );
             }
         }
+        for (j, peer) in v.allowed_peers.iter().enumerate() {
+            let a = peer.value;
+            if a.is_ipv6() != v6 {
+                r.error(peer.at, format!("{p}.allowed_peers[{j}]: {a} is not of the instance's address family; expected the advert source of a peer router"));
+            } else if !v.unicast_peers.is_empty() && !v.unicast_peers.contains(&a) {
+                r.error(peer.at, format!("{p}.allowed_peers[{j}]: {a} is not one of unicast_peers, whose adverts are the only ones heard; expected the same addresses as unicast_peers, or no allowed_peers"));
+            }
+        }
+        // With unicast peers the runner drops every other source before decoding, so
+        // unicast_peers already is the allowed set; a second list that says something else is
+        // a mistake (a peer added to one list only), not a policy.
+        if !v.allowed_peers.is_empty() {
+            for peer in &v.unicast_peers {
+                if !v.allowed_peers.iter().any(|a| a.value == *peer) {
+                    r.error(v.allowed_peers_at, format!("{p}.allowed_peers: unicast peer {peer} is missing; expected the same addresses as unicast_peers, or no allowed_peers (unicast_peers alone already limits whose adverts are used)"));
+                }
+            }
+        }
         if let Some(other) = vrids.insert((&v.interface, v.vrid, v6), &v.name.value) {
             r.error(v.name.at, format!("{p}.vrid: {} on {} is already used by instance `{other}`; expected a unique vrid per interface and family", v.vrid, v.interface));
         }

@@ -45,18 +45,25 @@ pub(super) fn settings(d: &Ddns, wall_clock_at_start: SystemTime) -> DdnsSetting
             zone_id,
             api_token,
             api_url,
+            ca_file,
         } => ProviderSettings::Cloudflare(ddns::CloudflareSettings {
             api_url: api_url
                 .clone()
                 .unwrap_or_else(|| ddns::CLOUDFLARE_API_URL.to_owned()),
             zone_id: zone_id.clone(),
             api_token: Credential::new(api_token.expose()),
+            ca_certificates: ca_file.as_ref().map(|c| c.certificates.clone()),
         }),
-        DdnsProvider::Dynu { api_key, api_url } => ProviderSettings::Dynu(ddns::DynuSettings {
+        DdnsProvider::Dynu {
+            api_key,
+            api_url,
+            ca_file,
+        } => ProviderSettings::Dynu(ddns::DynuSettings {
             api_url: api_url
                 .clone()
                 .unwrap_or_else(|| ddns::DYNU_API_URL.to_owned()),
             api_key: Credential::new(api_key.expose()),
+            ca_certificates: ca_file.as_ref().map(|c| c.certificates.clone()),
         }),
     };
     DdnsSettings::new(
@@ -189,6 +196,7 @@ mod tests {
                 zone_id: "z".into(),
                 api_token: secret.clone(),
                 api_url: None,
+                ca_file: None,
             }),
             SystemTime::UNIX_EPOCH,
         );
@@ -200,6 +208,7 @@ mod tests {
             &d(DdnsProvider::Dynu {
                 api_key: secret,
                 api_url: Some("http://127.0.0.1:1/v2".into()),
+                ca_file: None,
             }),
             SystemTime::UNIX_EPOCH,
         );
@@ -226,5 +235,143 @@ mod tests {
         assert!(!is_writer(Some("router"), &roles));
         roles.insert("router".into(), ::vrrp::State::Master);
         assert!(is_writer(Some("router"), &roles));
+    }
+
+    // The `ddns.provider.cloudflare|dynu` keys of issue "what a DDNS provider's API can do":
+    // parsed from YAML, then mapped to the library settings.
+
+    /// A self-signed test CA (P-256, valid until 2126): only parsed here, never trusted.
+    const TEST_CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBrjCCAVWgAwIBAgIUMyc0J/PF/VCsfH//MuG5RvEhXTYwCgYIKoZIzj0EAwIw
+JDEiMCAGA1UEAwwZdnBuLXJvdXRlciBjb25maWcgdGVzdCBDQTAgFw0yNjEyMDQy
+MTE4MTJaGA8yMTI2MTExMDIxMTgxMlowJDEiMCAGA1UEAwwZdnBuLXJvdXRlciBj
+b25maWcgdGVzdCBDQTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABAR6L362OQEH
+ng9uTvxQBU4m9NbYEZBKPH7CW2iwyf9g0XxslEXkzbLEDs0muefmPxurIlBbZhfW
+f4OS5mAkb6SjYzBhMB0GA1UdDgQWBBSBuVFV9/mHoLTJzLnJk/UOY3yMijAfBgNV
+HSMEGDAWgBSBuVFV9/mHoLTJzLnJk/UOY3yMijAPBgNVHRMBAf8EBTADAQH/MA4G
+A1UdDwEB/wQEAwIBBjAKBggqhkjOPQQDAgNHADBEAiBAXYfDtb72VgM/M7FUJTah
+rCEOvoEtroDOXtYPKN417QIgfo6IVYL8coec+hYrHtYbKbNNv9p5C6kutq2sN8VI
+LYs=
+-----END CERTIFICATE-----
+";
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("vpn-router-ddns-cfg-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("token"), "t0ken\n").unwrap();
+        d
+    }
+
+    /// A config whose provider is `provider` (one YAML flow mapping, on line 6), loaded from
+    /// `dir/c.yaml` so relative paths resolve against `dir`.
+    fn load(
+        dir: &std::path::Path,
+        provider: &str,
+    ) -> Result<crate::config::Loaded, crate::config::ConfigErrors> {
+        let text = format!("gateways: {{ interface: eth1, addresses: 192.168.25.128 }}\nddns:\n  hostname: vpn.example.com\n  provider:\n    # the provider\n    {provider}\n");
+        crate::config::load_str(&dir.join("c.yaml"), &text)
+    }
+
+    fn errors(dir: &std::path::Path, provider: &str) -> Vec<String> {
+        match load(dir, provider) {
+            Ok(_) => panic!("accepted: {provider}"),
+            Err(e) => e.lines(),
+        }
+    }
+
+    #[test]
+    fn api_url_in_cleartext_only_to_loopback_with_the_position() {
+        let dir = scratch("url");
+        for ok in [
+            "http://127.0.0.1:8080/client/v4",
+            "http://[::1]:8080/client/v4",
+            "http://localhost:8080/client/v4",
+            "https://api.cloudflare.com/client/v4",
+        ] {
+            let p =
+                format!("cloudflare: {{ zone_id: abc, api_token_file: token, api_url: \"{ok}\" }}");
+            if let Err(e) = load(&dir, &p) {
+                panic!("{ok}: {e}");
+            }
+        }
+        let errs = errors(
+            &dir,
+            "dynu: { api_key_file: token, api_url: \"http://api.dynu.com/v2\" }",
+        );
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        // Line 6, column of the value.
+        assert!(
+            errs[0].starts_with(&format!(
+                "{}:6:43: ddns.provider.dynu.api_url: ",
+                dir.join("c.yaml").display()
+            )) && errs[0].contains("cleartext")
+                && errs[0].contains("loopback")
+                && errs[0].contains("use https://"),
+            "{errs:?}"
+        );
+        let errs = errors(
+            &dir,
+            "cloudflare: { zone_id: abc, api_token_file: token, api_url: \"http://10.0.0.8/client/v4\" }",
+        );
+        assert!(errs[0].contains("10.0.0.8 is not one"), "{errs:?}");
+    }
+
+    #[test]
+    fn ca_file_is_read_at_load_and_reaches_the_provider_settings() {
+        let dir = scratch("ca");
+        std::fs::write(dir.join("proxy-ca.pem"), TEST_CA_PEM).unwrap();
+        std::fs::write(dir.join("not-pem.txt"), "hello\n").unwrap();
+        let c = dir.join("c.yaml").display().to_string();
+
+        // Relative to the config file; reaches the library as its trust anchors.
+        let loaded = load(
+            &dir,
+            "cloudflare: { zone_id: abc, api_token_file: token, ca_file: proxy-ca.pem }",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let d = loaded.config.ddns.unwrap();
+        let json = serde_json::to_string(&d.provider).unwrap();
+        assert!(
+            json.contains("proxy-ca.pem (1 certificate(s), fingerprint "),
+            "{json}"
+        );
+        match &settings(&d, SystemTime::UNIX_EPOCH).provider {
+            ProviderSettings::Cloudflare(p) => {
+                assert_eq!(p.ca_certificates.as_ref().map(|c| c.len()), Some(1))
+            }
+            p => panic!("{p:?}"),
+        }
+        let loaded = load(&dir, "dynu: { api_key_file: token, ca_file: proxy-ca.pem }").unwrap();
+        match &settings(&loaded.config.ddns.unwrap(), SystemTime::UNIX_EPOCH).provider {
+            ProviderSettings::Dynu(p) => assert!(p.ca_certificates.is_some()),
+            p => panic!("{p:?}"),
+        }
+        // Unset: the Mozilla roots.
+        let loaded = load(&dir, "dynu: { api_key_file: token }").unwrap();
+        match &settings(&loaded.config.ddns.unwrap(), SystemTime::UNIX_EPOCH).provider {
+            ProviderSettings::Dynu(p) => assert!(p.ca_certificates.is_none()),
+            p => panic!("{p:?}"),
+        }
+
+        // Missing and unparsable files are config errors at the value's position.
+        let errs = errors(&dir, "dynu: { api_key_file: token, ca_file: missing.pem }");
+        assert!(
+            errs[0].starts_with(&format!(
+                "{c}:6:43: ddns.provider.dynu.ca_file: cannot read "
+            )) && errs[0].contains("missing.pem")
+                && errs[0].contains("expected a readable PEM file"),
+            "{errs:?}"
+        );
+        let errs = errors(
+            &dir,
+            "cloudflare: { zone_id: abc, api_token_file: token, ca_file: not-pem.txt }",
+        );
+        assert!(
+            errs[0].starts_with(&format!("{c}:6:65: ddns.provider.cloudflare.ca_file: "))
+                && errs[0].contains("not-pem.txt")
+                && errs[0].contains("BEGIN CERTIFICATE"),
+            "{errs:?}"
+        );
     }
 }

@@ -15,22 +15,36 @@ use super::Shared;
 use crate::config::{self, Gateways, HealthCheckKind};
 use crate::status::{ComponentState, ComponentStatus, StatusBoard};
 
+/// Where the engine publishes, in the daemon-wide watches that outlive it.
+pub(super) struct Outputs<'a> {
+    pub healthy: &'a watch::Sender<grm::HealthyGateways>,
+    pub kill_switch: &'a watch::Sender<bool>,
+}
+
 /// Starts the health checker, the egress manager and the status publisher for `g`.
+/// `previous`: the section the replaced engine ran, whose leftovers the first reconcile removes.
 pub(super) fn start(
     g: &Gateways,
     shared: &Shared,
     metrics: &grm::Metrics,
     rr_metrics: &grm::ReturnRoutingMetrics,
-    healthy_out: &watch::Sender<grm::HealthyGateways>,
-    kill_switch_out: &watch::Sender<bool>,
+    out: Outputs<'_>,
+    previous: Option<&Gateways>,
     cancel: CancellationToken,
 ) -> Result<Vec<JoinHandle<()>>, String> {
+    let (healthy_out, kill_switch_out) = (out.healthy, out.kill_switch);
     let mut tasks = Vec::new();
-    let manager = grm::EgressManager::new(egress_settings(g), metrics.clone())
+    let mut manager = grm::EgressManager::new(egress_settings(g), metrics.clone())
         .map_err(|e| format!("gateways.egress: {e}"))?;
-    let return_routing =
+    let mut return_routing =
         grm::ReturnRoutingManager::new(return_routing_settings(g), rr_metrics.clone())
             .map_err(|e| format!("gateways.return_routing: {e}"))?;
+    // A reload that moved a table or a rule priority: the first reconcile removes what the old
+    // settings left (after the new ones are in).
+    if let Some(prev) = previous {
+        manager.retire_previous(&egress_settings(prev));
+        return_routing.retire_previous(&return_routing_settings(prev));
+    }
     let rr_status = return_routing.status();
     let (probe_routes_tx, probe_routes) = watch::channel(false);
     tasks.push(tokio::spawn(probe_routes_in_force(

@@ -60,6 +60,8 @@ pub struct Engines {
     grm_metrics: grm::Metrics,
     rr_metrics: grm::ReturnRoutingMetrics,
     gateways: Option<Running>,
+    /// The `gateways` section the running gateways engine was started with.
+    gateways_config: Option<crate::config::Gateways>,
     vrrp: vrrp::VrrpEngine,
     ddns: Option<Running>,
     ddns_metrics: grm::ddns::DdnsMetrics,
@@ -120,6 +122,7 @@ impl Engines {
             grm_metrics,
             rr_metrics,
             gateways: None,
+            gateways_config: None,
             vrrp,
             ddns: None,
             ddns_metrics,
@@ -137,8 +140,9 @@ impl Engines {
     }
 
     /// Brings the engines in line with `config`: starts new ones, restarts changed ones,
-    /// stops removed ones. Must run inside the tokio runtime.
-    pub fn apply(&mut self, config: &Config) {
+    /// stops removed ones. A changed engine's old tasks are awaited (up to [`RESTART_GRACE`])
+    /// before its successor starts, so two reconcilers never work on the same kernel objects.
+    pub async fn apply(&mut self, config: &Config) {
         let section = config
             .gateways
             .as_ref()
@@ -150,6 +154,7 @@ impl Engines {
             &self.publishers.kill_switch,
         );
         let rr_metrics = &self.rr_metrics;
+        let previous = self.gateways_config.clone();
         reconcile(
             &mut self.gateways,
             &self.shared.board,
@@ -157,12 +162,23 @@ impl Engines {
             "gateways",
             section,
             |cancel| match &config.gateways {
-                Some(g) => {
-                    gateways::start(g, shared, metrics, rr_metrics, healthy, kill_switch, cancel)
-                }
+                Some(g) => gateways::start(
+                    g,
+                    shared,
+                    metrics,
+                    rr_metrics,
+                    gateways::Outputs {
+                        healthy,
+                        kill_switch,
+                    },
+                    previous.as_ref(),
+                    cancel,
+                ),
                 None => Ok(Vec::new()),
             },
-        );
+        )
+        .await;
+        self.gateways_config = config.gateways.clone();
         if config.gateways.is_none() {
             self.publishers
                 .healthy
@@ -193,7 +209,8 @@ impl Engines {
             "ingress",
             section,
             |cancel| ingress::start(config, owned_before.as_ref(), shared, metrics, cancel),
-        );
+        )
+        .await;
         // A removed section stops the engine; the services it built go with it. (A daemon
         // started without `ingress` never touches IPVS: it cannot know what was ours.)
         if config.ingress.is_none() {
@@ -218,7 +235,8 @@ impl Engines {
             "ddns",
             c.ddns.as_ref().map(|d| serde_json::json!(d)),
             |cancel| ddns::start(c, shared, metrics, cancel),
-        );
+        )
+        .await;
         // The roles of instances that are gone must not linger for DDNS.
         let names: Vec<&str> = c.vrrp.iter().map(|v| v.name.value.as_str()).collect();
         self.publishers.roles.send_if_modified(|r| {
@@ -247,9 +265,32 @@ impl Engines {
     }
 }
 
+/// How long a replaced engine's tasks get to finish after their cancellation (an nft run has
+/// its own 10 s timeout; netlink writes are quick) before they are aborted.
+pub const RESTART_GRACE: Duration = Duration::from_secs(12);
+
+impl Running {
+    /// Cancels the engine and waits for its tasks; past `grace` they are aborted.
+    async fn stop(mut self, name: &str, grace: Duration) {
+        self.cancel.cancel();
+        let tasks = std::mem::take(&mut self.tasks);
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        if tokio::time::timeout(grace, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!(engine = name, grace = ?grace, "engine did not stop in time after its cancellation; aborted its tasks");
+            for a in aborts {
+                a.abort();
+            }
+        }
+    }
+}
+
 /// Starts, restarts or stops one feature engine so that it runs `section` (None: not
-/// configured). `start` gets the engine's own cancellation token and returns its tasks.
-fn reconcile(
+/// configured). `start` gets the engine's own cancellation token and returns its tasks. The
+/// old engine is stopped and awaited first: two reconcilers on one kernel object would fight.
+async fn reconcile(
     slot: &mut Option<Running>,
     board: &StatusBoard,
     root: &CancellationToken,
@@ -258,15 +299,18 @@ fn reconcile(
     start: impl FnOnce(CancellationToken) -> Result<Vec<JoinHandle<()>>, String>,
 ) {
     let Some(section) = section else {
-        *slot = None;
+        if let Some(old) = slot.take() {
+            old.stop(name, RESTART_GRACE).await;
+        }
         board.remove(name);
         return;
     };
     if slot.as_ref().is_some_and(|r| r.section == section) {
         return;
     }
-    // Stop the old engine first: two reconcilers on one kernel object would fight.
-    *slot = None;
+    if let Some(old) = slot.take() {
+        old.stop(name, RESTART_GRACE).await;
+    }
     let cancel = root.child_token();
     match start(cancel.clone()) {
         Ok(tasks) => {

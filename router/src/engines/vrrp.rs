@@ -52,7 +52,8 @@ struct Instance {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Restart {
     /// Nothing, or only what `vrrp::run` applies through its reload watch: priority,
-    /// advert_interval, preempt, preempt_delay, track, gratuitous, handoff_timeout.
+    /// advert_interval, preempt, preempt_delay, track, gratuitous, handoff_timeout,
+    /// max_peer_advert_interval, allowed_peers.
     No,
     /// `virtual_ips` (also the derived ingress VIPs), `unicast_peers`, the checksum mode or
     /// the sibling VRIDs changed: the instance is stopped without a handoff (like kill -9)
@@ -243,6 +244,8 @@ pub(super) fn instance_configs(c: &Config) -> Vec<InstanceConfig> {
             cfg.preempt = v.preempt;
             cfg.preempt_delay = v.preempt_delay;
             cfg.unicast_peers = v.unicast_peers.clone();
+            cfg.max_peer_advert_interval = Some(v.max_peer_advert_interval);
+            cfg.allowed_peers = v.allowed_peers.iter().map(|a| a.value).collect();
             cfg.vmac = v.vmac;
             cfg.track = v.track_gateways.map(|t| Track {
                 min_healthy: t.min_healthy as usize,
@@ -592,6 +595,7 @@ vrrp:
       - { address: 192.168.26.254/22, interface: gw0 }
     gateway_ingress_vips: true
     track_gateways: { min_healthy: 1, weight: -60 }
+    allowed_peers: [192.168.28.2]
   - name: other
     interface: adv0
     vrid: 52
@@ -624,6 +628,12 @@ gateways:
             })
         );
         assert_eq!(r.sibling_vrids, vec![52]);
+        // Not set: 10 × its own 10ms, resolved by the config.
+        assert_eq!(r.max_peer_advert_interval, Some(Duration::from_millis(100)));
+        assert_eq!(
+            r.allowed_peers,
+            vec!["192.168.28.2".parse::<IpAddr>().unwrap()]
+        );
         let vips: Vec<String> = r
             .virtual_ips
             .iter()
@@ -645,6 +655,8 @@ gateways:
         assert_eq!(o.gratuitous.refresh, Some(Duration::from_secs(30)));
         assert_eq!(o.virtual_ips.len(), 1);
         assert_eq!(o.sibling_vrids, vec![51]);
+        assert_eq!(o.max_peer_advert_interval, Some(Duration::from_secs(10)));
+        assert!(o.allowed_peers.is_empty());
         o.validate().expect("valid instance");
     }
 
@@ -655,7 +667,11 @@ gateways:
         let live = load(
             &BASE
                 .replace("priority: 150", "priority: 120")
-                .replace("weight: -60", "weight: -10"),
+                .replace("weight: -60", "weight: -10")
+                .replace(
+                    "allowed_peers: [192.168.28.2]",
+                    "allowed_peers: [192.168.28.3]\n    max_peer_advert_interval: 2s",
+                ),
         );
         assert_eq!(
             restart_needed(&old, &instance_configs(&live)[0]),

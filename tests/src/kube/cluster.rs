@@ -245,7 +245,7 @@ impl Cluster {
         let probe_target: SocketAddr = config_str(&cfg, "gateways.health.probe.target")
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| SocketAddr::from(([1, 1, 1, 1], 443)));
-        let IpAddrV4(probe_ip) = IpAddrV4::of(probe_target)?;
+        let probe_ip = ipv4_of(probe_target)?;
         let ddns = match (
             config_str(&cfg, "ddns.provider.rfc2136.server"),
             config_str(&cfg, "ddns.provider.rfc2136.zone"),
@@ -255,7 +255,7 @@ impl Cluster {
                 let a: SocketAddr = s.parse().map_err(|_| KubeError::Unsupported {
                     what: format!("ddns server {s}"),
                 })?;
-                Some((IpAddrV4::of(a)?.0, z, h))
+                Some((ipv4_of(a)?, z, h))
             }
             _ => None,
         };
@@ -835,16 +835,13 @@ fn short(name: &str) -> String {
         .collect()
 }
 
-struct IpAddrV4(Ipv4Addr);
-
-impl IpAddrV4 {
-    fn of(a: SocketAddr) -> Result<IpAddrV4, KubeError> {
-        match a.ip() {
-            std::net::IpAddr::V4(v) => Ok(IpAddrV4(v)),
-            std::net::IpAddr::V6(_) => Err(KubeError::Unsupported {
-                what: format!("IPv6 address {a}"),
-            }),
-        }
+/// The IPv4 address of `a` (the run's networks are IPv4 only).
+fn ipv4_of(a: SocketAddr) -> Result<Ipv4Addr, KubeError> {
+    match a.ip() {
+        std::net::IpAddr::V4(v) => Ok(v),
+        std::net::IpAddr::V6(_) => Err(KubeError::Unsupported {
+            what: format!("IPv6 address {a}"),
+        }),
     }
 }
 

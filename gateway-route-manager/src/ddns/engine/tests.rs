@@ -102,8 +102,9 @@ fn settings() -> DdnsSettings {
         Duration::from_secs(60),
         4,
         ProviderSettings::Dynu(DynuSettings {
-            api_url: "http://unused".into(),
+            api_url: "http://127.0.0.1:1/unused".into(),
             api_key: Credential::new("unused"),
+            ca_certificates: None,
         }),
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
     );
@@ -304,5 +305,74 @@ async fn becoming_backup_clears_the_error_of_the_masters_attempts() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(h.metrics.current_error(), None);
     assert_eq!(h.fake.state().reads.len(), 1, "a backup retried");
+    h.cancel.cancel();
+}
+
+/// A provider that answers `Retry-After: 18446744073709551615` (or any huge value) must neither
+/// crash the engine (`Instant + Duration` overflow) nor stop it: the next try is at most
+/// `MAX_RETRY_AFTER` away.
+#[tokio::test(start_paused = true)]
+async fn a_huge_retry_after_neither_panics_nor_freezes_the_engine() {
+    for asked in [Duration::MAX, Duration::from_secs(30 * 86_400)] {
+        let fake = Fake::default();
+        fake.state().fail_reads.push_back(DdnsError::RateLimited {
+            message: "429".into(),
+            retry_after: asked,
+        });
+        let start_at = Instant::now();
+        let h = start(settings(), fake, set(&[0]), true);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(h.metrics.current_error(), Some("rate_limited"));
+        // A change of the healthy set does not bring the try before the (clamped) wait.
+        h.healthy.send(set(&[0, 1])).unwrap();
+        tokio::time::sleep(crate::ddns::MAX_RETRY_AFTER).await;
+        let reads = h.fake.state().reads.clone();
+        assert!(reads.len() >= 2, "{asked:?}: no retry within 15 min");
+        assert_eq!(
+            reads[1] - start_at,
+            crate::ddns::MAX_RETRY_AFTER,
+            "{asked:?}: the retry is not 15 min after the 429"
+        );
+        assert_eq!(a_writes(&h), [vec![public(0), public(1)]]);
+        h.cancel.cancel();
+    }
+}
+
+#[test]
+fn retry_wait_is_the_backoff_or_the_clamped_retry_after() {
+    let limited = |secs: u64| DdnsError::RateLimited {
+        message: "429".into(),
+        retry_after: Duration::from_secs(secs),
+    };
+    let backoff = Duration::from_secs(4);
+    let wait = |e: &DdnsError| super::retry_wait(e, backoff);
+    assert_eq!(wait(&DdnsError::Transport("down".into())), backoff);
+    assert_eq!(wait(&limited(1)), backoff);
+    assert_eq!(wait(&limited(120)), Duration::from_secs(120));
+    assert_eq!(wait(&limited(u64::MAX)), crate::ddns::MAX_RETRY_AFTER);
+}
+
+/// Settings the engine cannot fit in a deadline (a library caller's, not the config's) make
+/// it wait, not panic.
+#[tokio::test(start_paused = true)]
+async fn settings_beyond_any_deadline_do_not_panic() {
+    let mut s = settings();
+    s.resync_interval = Duration::MAX;
+    s.retry_initial = Duration::MAX;
+    s.retry_max = Duration::MAX;
+    let fake = Fake::default();
+    fake.state()
+        .fail_reads
+        .push_back(DdnsError::Transport("down".into()));
+    let h = start(s, fake, set(&[0]), true);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(h.fake.state().reads.len(), 1, "retried before the backoff");
+    assert_eq!(h.metrics.current_error(), Some("transport"));
+    // Still alive (a panicked task would have dropped the receiver): a new input retries.
+    h.healthy
+        .send(set(&[0, 1]))
+        .expect("the engine task is gone (panicked?)");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(a_writes(&h), [vec![public(0), public(1)]]);
     h.cancel.cancel();
 }
