@@ -299,7 +299,12 @@ fn vrrp_instance(r: &mut Reader, n: &Node, p: &str) -> Option<VrrpInstance> {
     });
     let v3_checksum_as_v2 = o.or(r, "v3_checksum_as_v2", false, Reader::bool);
     let garp_master_repeat = o.or(r, "garp_master_repeat", 5, |r, n, p| r.u32(n, p, 0, 100));
-    let garp_master_refresh = o.or(r, "garp_master_refresh", Duration::ZERO, Reader::duration);
+    let garp_master_refresh = o.or(
+        r,
+        "garp_master_refresh",
+        Duration::ZERO,
+        bounded(MAX_GARP_REFRESH, false),
+    );
     Some(VrrpInstance {
         name: name?,
         interface: interface?,
@@ -573,8 +578,8 @@ fn health(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<Health> {
     }
     Some(Health {
         at: o.at,
-        interval: o.or(r, "interval", d.interval, positive_duration),
-        timeout: o.or(r, "timeout", d.timeout, positive_duration),
+        interval: o.or(r, "interval", d.interval, bounded(MAX_CHECK_INTERVAL, true)),
+        timeout: o.or(r, "timeout", d.timeout, bounded(MAX_CHECK_TIMEOUT, true)),
         rise: o.or(r, "rise", d.rise, |r, n, p| r.u32(n, p, 1, 100)),
         fall: o.or(r, "fall", d.fall, |r, n, p| r.u32(n, p, 1, 100)),
         control_server: control_server.unwrap_or(d.control_server),
@@ -616,6 +621,35 @@ fn positive_duration(r: &mut Reader, n: &Node, p: &str) -> Option<Duration> {
         return None;
     }
     Some(d)
+}
+
+/// Upper bounds of the durations that become timers: a value the daemon adds to "now" must
+/// not overflow (`Instant + 500 years` panics), and anything longer than these is a typo.
+pub(crate) const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const MAX_GARP_REFRESH: Duration = Duration::from_secs(3600);
+
+/// A duration of at most `max` (and positive when `positive`).
+fn bounded(max: Duration, positive: bool) -> impl Fn(&mut Reader, &Node, &str) -> Option<Duration> {
+    move |r, n, p| {
+        let d = if positive {
+            positive_duration(r, n, p)?
+        } else {
+            r.duration(n, p)?
+        };
+        if d > max {
+            r.error(
+                n.at,
+                format!(
+                    "{p}: {} is too long; expected at most {}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(max)
+                ),
+            );
+            return None;
+        }
+        Some(d)
+    }
 }
 
 fn control_auth(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<ControlServerAuth> {
@@ -1031,8 +1065,8 @@ fn real_server_check(r: &mut Reader, n: &Node, p: &str) -> Option<RealServerChec
     let d = real_server_check_defaults();
     Some(RealServerCheck {
         kind,
-        interval: o.or(r, "interval", d.interval, positive_duration),
-        timeout: o.or(r, "timeout", d.timeout, positive_duration),
+        interval: o.or(r, "interval", d.interval, bounded(MAX_CHECK_INTERVAL, true)),
+        timeout: o.or(r, "timeout", d.timeout, bounded(MAX_CHECK_TIMEOUT, true)),
         rise: o.or(r, "rise", d.rise, |r, n, p| r.u32(n, p, 1, 100)),
         fall: o.or(r, "fall", d.fall, |r, n, p| r.u32(n, p, 1, 100)),
     })

@@ -132,6 +132,8 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     ("unknown top-level key", "gateway:\n  interface: eth0\n", &["1:1: top level: unknown key `gateway` (did you mean `gateways`?)"]),
     ("missing required keys", "vrrp:\n  - name: r\n    vrid: 1\n", &["2:5: vrrp[0]: missing required key `interface`", "2:5: vrrp[0]: missing required key `virtual_ips`"]),
     ("duration without unit", "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  health: { interval: 5 }\n", &["4:23: gateways.health.interval: 5 has no unit; expected a duration such as 5s or 5ms"]),
+    ("health interval absurdly long", "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  health: { interval: 500years, timeout: 2m }\n", &["4:23: gateways.health.interval: 500years is too long; expected at most 1h", "4:42: gateways.health.timeout: 2m is too long; expected at most 1m"]),
+    ("garp refresh absurdly long", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, garp_master_refresh: 9999999999s, virtual_ips: [10.1.1.1/24] }\n", &["2:63: vrrp[0].garp_master_refresh: 316years 10months 17days 8h 10m 39s is too long; expected at most 1h"]),
     ("reversed range", "gateways:\n  interface: eth1\n  addresses: 192.168.25.135-192.168.25.128\n", &["3:14: gateways.addresses: range 192.168.25.135-192.168.25.128 is reversed"]),
     ("bad address in list", "gateways:\n  interface: eth1\n  addresses: [192.168.25.128, 192.168.25.300]\n", &["3:31: gateways.addresses[1]: \"192.168.25.300\" is not an IPv4 address"]),
     ("cidr with host bits", "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  egress: { exclude: [10.0.0.1/8] }\n", &["4:23: gateways.egress.exclude[0]: 10.0.0.1/8 has host bits set; expected the network address 10.0.0.0/8"]),
