@@ -219,11 +219,17 @@ impl Supervisor {
         let mut hup = signal(SignalKind::hangup()).map_err(StartError::Api)?;
         let mut term = signal(SignalKind::terminate()).map_err(StartError::Api)?;
         let mut int = signal(SignalKind::interrupt()).map_err(StartError::Api)?;
+        let mut retry = tokio::time::interval(crate::engines::START_RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading config");
                     let _ = self.reload().await;
+                }
+                _ = retry.tick(), if self.engines.needs_retry() => {
+                    let config = self.config.clone();
+                    self.engines.apply(&config).await;
                 }
                 _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
                 _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }

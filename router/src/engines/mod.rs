@@ -71,6 +71,9 @@ pub struct Engines {
     /// One-shot cleanups (ingress withdrawn), awaited at shutdown.
     cleanups: Vec<JoinHandle<()>>,
     ingress_metrics: crate::ingress::IngressMetrics,
+    /// Engines whose start failed (their section is configured, nothing runs): the supervisor
+    /// calls `apply` again every [`START_RETRY`] while this is not empty.
+    failed: std::collections::BTreeSet<&'static str>,
     /// Parent of every engine's token: cancelled once, at shutdown.
     root: CancellationToken,
 }
@@ -130,6 +133,7 @@ impl Engines {
             ingress_owned: None,
             cleanups: Vec::new(),
             ingress_metrics,
+            failed: std::collections::BTreeSet::new(),
             root: CancellationToken::new(),
         }
     }
@@ -159,6 +163,7 @@ impl Engines {
             &mut self.gateways,
             &self.shared.board,
             &self.root,
+            &mut self.failed,
             "gateways",
             section,
             |cancel| match &config.gateways {
@@ -206,6 +211,7 @@ impl Engines {
             &mut self.ingress,
             &self.shared.board,
             &self.root,
+            &mut self.failed,
             "ingress",
             section,
             |cancel| ingress::start(config, owned_before.as_ref(), shared, metrics, cancel),
@@ -232,6 +238,7 @@ impl Engines {
             &mut self.ddns,
             &self.shared.board,
             &self.root,
+            &mut self.failed,
             "ddns",
             c.ddns.as_ref().map(|d| serde_json::json!(d)),
             |cancel| ddns::start(c, shared, metrics, cancel),
@@ -265,6 +272,16 @@ impl Engines {
     }
 }
 
+/// How often the engines whose start failed are started again (the supervisor's tick).
+pub const START_RETRY: Duration = Duration::from_secs(5);
+
+impl Engines {
+    /// True while an engine's start failed: the supervisor calls [`Engines::apply`] again.
+    pub fn needs_retry(&self) -> bool {
+        !self.failed.is_empty()
+    }
+}
+
 /// How long a replaced engine's tasks get to finish after their cancellation (an nft run has
 /// its own 10 s timeout; netlink writes are quick) before they are aborted.
 pub const RESTART_GRACE: Duration = Duration::from_secs(12);
@@ -290,11 +307,13 @@ impl Running {
 /// Starts, restarts or stops one feature engine so that it runs `section` (None: not
 /// configured). `start` gets the engine's own cancellation token and returns its tasks. The
 /// old engine is stopped and awaited first: two reconcilers on one kernel object would fight.
+#[allow(clippy::too_many_arguments)] // one call per engine, each argument a different thing
 async fn reconcile(
     slot: &mut Option<Running>,
     board: &StatusBoard,
     root: &CancellationToken,
-    name: &str,
+    failed: &mut std::collections::BTreeSet<&'static str>,
+    name: &'static str,
     section: Option<serde_json::Value>,
     start: impl FnOnce(CancellationToken) -> Result<Vec<JoinHandle<()>>, String>,
 ) {
@@ -302,6 +321,7 @@ async fn reconcile(
         if let Some(old) = slot.take() {
             old.stop(name, RESTART_GRACE).await;
         }
+        failed.remove(name);
         board.remove(name);
         return;
     };
@@ -314,6 +334,9 @@ async fn reconcile(
     let cancel = root.child_token();
     match start(cancel.clone()) {
         Ok(tasks) => {
+            if failed.remove(name) {
+                tracing::info!("{name}: started after an earlier failure");
+            }
             *slot = Some(Running {
                 section,
                 cancel,
@@ -322,7 +345,8 @@ async fn reconcile(
         }
         Err(e) => {
             cancel.cancel();
-            tracing::error!(error = %e, "{name}: cannot start");
+            failed.insert(name);
+            tracing::error!(error = %e, retry_in = ?START_RETRY, "{name}: cannot start");
             board.set(
                 name,
                 ComponentStatus {
@@ -332,5 +356,46 @@ async fn reconcile(
                 },
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An engine whose start fails is marked for the supervisor's retry and shown degraded;
+    /// the next call with the same section starts it and clears the mark.
+    #[tokio::test]
+    async fn a_failed_start_is_retried_with_the_same_section() {
+        let board = StatusBoard::new("t.yaml".into(), 0.0);
+        let root = CancellationToken::new();
+        let mut failed = std::collections::BTreeSet::new();
+        let mut slot = None;
+        let section = Some(serde_json::json!({ "a": 1 }));
+        reconcile(
+            &mut slot,
+            &board,
+            &root,
+            &mut failed,
+            "ddns",
+            section.clone(),
+            |_| Err("provider not reachable".to_string()),
+        )
+        .await;
+        assert!(slot.is_none());
+        assert!(failed.contains("ddns"));
+        let r = board.report();
+        assert_eq!(r.components["ddns"].state, ComponentState::Degraded);
+        reconcile(
+            &mut slot,
+            &board,
+            &root,
+            &mut failed,
+            "ddns",
+            section,
+            |_| Ok(Vec::new()),
+        )
+        .await;
+        assert!(slot.is_some() && failed.is_empty());
     }
 }
