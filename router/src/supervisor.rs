@@ -205,15 +205,18 @@ impl Supervisor {
         });
         // A busy or missing address is retried, not a reason to exit: a restarted router that
         // exits at once over its api would give up VRRP, and the engines run without the api.
-        let api_task = match api::bind(listen).await {
+        let bound = api::bind(listen).await;
+        // Every configured engine is on the status board before the api answers, so the first
+        // /status already lists them all.
+        let config = self.config.clone();
+        self.engines.apply(&config).await;
+        let api_task = match bound {
             Ok(listener) => tokio::spawn(api::serve(listener, state, shutdown.clone())),
             Err(e) => {
                 tracing::error!(error = %e, retry_every = ?API_BIND_RETRY, "api: cannot listen; the engines run, the api is retried (probes fail until it listens)");
                 tokio::spawn(bind_and_serve(listen, state, shutdown.clone()))
             }
         };
-        let config = self.config.clone();
-        self.engines.apply(&config).await;
         tracing::info!(api = %listen, config = %self.path.display(), "vpn-router running");
 
         let mut hup = signal(SignalKind::hangup()).map_err(StartError::Api)?;

@@ -128,6 +128,23 @@ pub(super) fn start(
     let mut writer_rx = writer_rx;
     let hostname = settings.hostname.clone();
     let provider = settings.provider.name();
+    // On the board at once, not only at the publisher's first tick: a /status read right after
+    // the start must list the engine.
+    board.set(
+        "ddns",
+        ComponentStatus {
+            state: ComponentState::Running,
+            ready: true,
+            detail: serde_json::json!({
+                "hostname": hostname,
+                "provider": provider,
+                "writer": *writer_rx.borrow(),
+                "records": metrics.records_published(),
+                "last_success_timestamp_seconds": metrics.last_success.get(),
+                "error": null,
+            }),
+        },
+    );
     tasks.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
