@@ -628,6 +628,56 @@ def config_presets(config_path, env):
     return json.loads(out.stdout)["sysctls"]
 
 
+def check_nad_routes(where, gw, nads, vips):
+    """Every attachment whose ipam gateway is a VIP of the routers carries exactly the routes
+    `vpn-router nad-routes` prints for the router config's exclusions (the daemon's own
+    reserved list, never a copy kept here). What the router keeps off the VPN must not reach
+    it: it would route that by its main table, out of the router pod's own network. The
+    clients' primary network carries it instead; their own subnet stays on-link."""
+    egress = gw.get("egress") or {}
+    dests = [str(d) for d in egress.get("destinations", ["0.0.0.0/0"])]
+    if dests != ["0.0.0.0/0"]:
+        err(where, f"gateways.egress.destinations {dests}: the client attachments' routes (vpn-router nad-routes) cover 0.0.0.0/0 minus the excludes, so the router would get traffic outside destinations; keep the default [0.0.0.0/0] or extend nad-routes")
+        return
+    args = []
+    exclude = [str(e) for e in egress.get("exclude") or []]
+    if exclude:
+        args += ["--exclude", ",".join(exclude)]
+    # exclude_reserved defaults to true (docs/configuration.md#gatewaysegress)
+    if egress.get("exclude_reserved", True) is not False:
+        args.append("--exclude-reserved")
+    if not args:
+        err(where, "gateways.egress excludes nothing: the clients would send the cluster's own addresses (DNS, services) to the VPN; set gateways.egress.exclude")
+        return
+    binary = os.environ.get("VPN_ROUTER_BIN") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "debug", "vpn-router")
+    cmd = "vpn-router nad-routes " + " ".join(args)
+    try:
+        out = subprocess.run([binary, "nad-routes", *args], capture_output=True, text=True, check=False, timeout=30)
+    except OSError as e:
+        err("deploy", f"cannot run {binary} nad-routes: {e} (cargo build --bin vpn-router)")
+        return
+    if out.returncode != 0:
+        err(where, f"`{cmd}` failed: {out.stderr.strip()}")
+        return
+    want = json.loads(out.stdout)["routes"]
+    for n in sorted(nads.values(), key=lambda n: n.obj.name):
+        if n.gateway is None or n.gateway not in vips:
+            continue
+        got = n.cfg["ipam"].get("routes") or []
+        if got == want:
+            continue
+        have = [json.dumps(r, sort_keys=True) for r in got]
+        need = [json.dumps(r, sort_keys=True) for r in want]
+        missing = [r for r in need if r not in have]
+        extra = [r for r in have if r not in need]
+        why = "; ".join(part for part in (
+            f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
+            f"not expected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}" if extra else "",
+            "same routes in another order" if not missing and not extra else "",
+        ) if part)
+        err(n.obj.where(), f"ipam routes differ from `{cmd}` (the router config's gateways.egress exclusions; {len(got)} routes, expected {len(want)}: {why}); regenerate them with `{cmd}` (docs/operations.md#client-routes-for-your-intranet)")
+
+
 def gateway_addresses(spec):
     items = spec if isinstance(spec, list) else [spec]
     out = []
@@ -824,6 +874,7 @@ def check_router(objs, nads, out_dir):
         for n in nads.values():
             if n.gateway is not None and n.gateway not in [v.ip for v in egress_vips]:
                 err(n.obj.where(), f"clients' gateway {n.gateway} is not a VRRP VIP")
+        check_nad_routes(where, gw, nads, [v.ip for v in egress_vips])
         with open(os.path.join(out_dir, "gateways.tsv"), "w", encoding="utf-8") as f:
             for a, v in zip(addrs, vips):
                 f.write(f"{a}\t{v}\n")

@@ -191,5 +191,10 @@ mutate components/ecmp-hash-seed/kustomization.yaml 's/name: vpn-router$/name: v
 mutate base/namespace.yaml 's/enforce: privileged/enforce: baseline/' "refused by PodSecurity baseline"
 mutate Dockerfile 's/^ARG RUST_VERSION=.*/ARG RUST_VERSION=1.85/' "RUST_VERSION 1.85 is older than"
 mutate examples/gateways/gluetun-statefulset.yaml 's/+ i ))"$/+ i + 1 ))"/' "no tcp DNAT of port 51413"
+# the client attachments' routes are exactly `vpn-router nad-routes` for the config's exclusions
+mutate base/networks.yaml '0,/{"dst": "11.0.0.0\/8"},/{/{"dst": "11.0.0.0\/8"},/d}' 'vpn-net-clients: ipam routes differ from `vpn-router nad-routes --exclude 10.0.0.0/8 --exclude-reserved` (the router config'"'"'s gateways.egress exclusions; 102 routes, expected 103: missing {"dst": "11.0.0.0/8"}'
+mutate base/router-config.yaml 's/^        exclude: \[10.0.0.0\/8\] /        exclude_reserved: false\n&/' 'vpn-net-ingress-port-1: ipam routes differ from `vpn-router nad-routes --exclude 10.0.0.0/8`'
+mutate base/router-config.yaml 's/^        exclude: \[10.0.0.0\/8\] /        exclude: [10.0.0.1\/8] /' '"10.0.0.1/8" has host bits set'
+mutate base/router-config.yaml 's/^        exclude: \[10.0.0.0\/8\] /        destinations: [0.0.0.0\/1]\n&/' "gateways.egress.destinations ['0.0.0.0/1']"
 echo "deploy: self-test ok ($caught defects caught)"
 bash "$here/check-monitoring.sh" "$here" | tail -n 2

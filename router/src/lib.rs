@@ -10,6 +10,7 @@ pub mod engines;
 pub mod ingress;
 pub mod logging;
 pub mod metrics;
+pub mod nad_routes;
 pub mod status;
 pub mod supervisor;
 pub mod sysctl;

@@ -1,4 +1,4 @@
-//! The `vpn-router` command: `run`, `check-config`, `status`, `version`.
+//! The `vpn-router` command: `run`, `check-config`, `status`, `nad-routes`, `version`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -48,6 +48,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the routes for a client NetworkAttachmentDefinition's ipam: every IPv4 destination
+    /// except the excluded ranges, as JSON `{"routes": [{"dst": ...}, ...]}`.
+    ///
+    /// The list is the fewest CIDRs covering (0.0.0.0/0 minus --exclude) plus --extra, in
+    /// address order, so the same input always gives the same output. An extra inside an
+    /// excluded range is routed anyway (that is what it is for, e.g. a DNS service /32 inside
+    /// the intranet); one already covered adds nothing and does not appear. Every address
+    /// comes out as 0.0.0.0/1 + 128.0.0.0/1, never a /0 that would collide with the pod's own
+    /// default route. IPv4 only for now (the router's egress is IPv4 only): an IPv6 value is
+    /// an error. A bad value exits 2 naming it.
+    NadRoutes {
+        /// Ranges the clients reach through their primary network, not the VIP (comma-separated
+        /// or repeated): the router config's gateways.egress.exclude.
+        #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = vpn_router::nad_routes::parse_cidr, required_unless_present = "exclude_reserved")]
+        exclude: Vec<ipnet::Ipv4Net>,
+        /// Also exclude the private and reserved ranges that the router keeps off the VPN when
+        /// gateways.egress.exclude_reserved is true (the default): the router's own list.
+        #[arg(long)]
+        exclude_reserved: bool,
+        /// Add `"gw": ADDR` to every route (without it the bridge plugin uses the ipam
+        /// `gateway`).
+        #[arg(long, value_name = "ADDR", value_parser = vpn_router::nad_routes::parse_via)]
+        via: Option<Ipv4Addr>,
+        /// Destinations that go to the VIP even inside an excluded range (comma-separated or
+        /// repeated).
+        #[arg(long, value_name = "CIDR", value_delimiter = ',', value_parser = vpn_router::nad_routes::parse_cidr)]
+        extra: Vec<ipnet::Ipv4Net>,
+    },
     /// Print the version.
     Version,
 }
@@ -62,6 +90,35 @@ fn main() -> ExitCode {
         Command::CheckConfig { file, sysctls } => check_config(&file, sysctls),
         Command::Run { config } => run(&config),
         Command::Status { api, config, json } => status_cmd(api, config.as_deref(), json),
+        Command::NadRoutes {
+            mut exclude,
+            exclude_reserved,
+            via,
+            extra,
+        } => {
+            if exclude_reserved {
+                exclude.extend(gateway_route_manager::egress::reserved_ranges());
+            }
+            nad_routes_cmd(&exclude, &extra, via)
+        }
+    }
+}
+
+fn nad_routes_cmd(
+    exclude: &[ipnet::Ipv4Net],
+    extra: &[ipnet::Ipv4Net],
+    via: Option<Ipv4Addr>,
+) -> ExitCode {
+    let routes = vpn_router::nad_routes::nad_routes(exclude, extra, via);
+    match serde_json::to_string_pretty(&routes) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vpn-router nad-routes: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -827,3 +827,166 @@ fn a_busy_api_port_is_retried_not_fatal() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+fn nad_routes(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("nad-routes")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn nad_route_dsts(out: &std::process::Output) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dst"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn nad_routes_prints_the_complement_of_the_intranet() {
+    let out = nad_routes(&["--exclude", "10.0.0.0/8"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want: Vec<serde_json::Value> = [
+        "0.0.0.0/5",
+        "8.0.0.0/7",
+        "11.0.0.0/8",
+        "12.0.0.0/6",
+        "16.0.0.0/4",
+        "32.0.0.0/3",
+        "64.0.0.0/2",
+        "128.0.0.0/1",
+    ]
+    .iter()
+    .map(|d| serde_json::json!({ "dst": d }))
+    .collect();
+    assert_eq!(v, serde_json::json!({ "routes": want }));
+    // pretty, as the contract says
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\n  \"routes\": [\n"));
+}
+
+#[test]
+fn nad_routes_via_extra_and_list_forms() {
+    let out = nad_routes(&[
+        "--exclude",
+        "192.168.0.0/16,10.0.0.0/8",
+        "--exclude",
+        "10.1.0.0/16",
+        "--extra",
+        "10.33.0.10/32,1.1.1.1/32",
+        "--via",
+        "192.168.26.254",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let routes = v["routes"].as_array().unwrap();
+    assert!(routes.iter().all(|r| r["gw"] == "192.168.26.254"), "{v}");
+    let dsts = nad_route_dsts(&out);
+    assert!(dsts.contains(&"10.33.0.10/32".to_owned()), "{dsts:?}");
+    assert!(!dsts.contains(&"1.1.1.1/32".to_owned()), "{dsts:?}");
+    assert!(!dsts.iter().any(|d| d.starts_with("192.168.")), "{dsts:?}");
+    // 22 for the two ranges, plus the extra /32
+    assert_eq!(dsts.len(), 22 + 1, "{dsts:?}");
+    // the same input twice, the same bytes
+    let again = nad_routes(&[
+        "--exclude",
+        "192.168.0.0/16,10.0.0.0/8",
+        "--exclude",
+        "10.1.0.0/16",
+        "--extra",
+        "10.33.0.10/32,1.1.1.1/32",
+        "--via",
+        "192.168.26.254",
+    ]);
+    assert_eq!(out.stdout, again.stdout);
+}
+
+#[test]
+fn nad_routes_exclude_reserved_uses_the_routers_list() {
+    let out = nad_routes(&["--exclude-reserved"]);
+    assert!(out.status.success(), "{out:?}");
+    let dsts = nad_route_dsts(&out);
+    let with_intranet = nad_routes(&["--exclude-reserved", "--exclude", "10.0.0.0/8"]);
+    assert_eq!(dsts, nad_route_dsts(&with_intranet), "10/8 is reserved");
+    let routes: Vec<ipnet::Ipv4Net> = dsts.iter().map(|d| d.parse().unwrap()).collect();
+    for r in gateway_route_manager::egress::reserved_ranges() {
+        assert!(
+            !routes
+                .iter()
+                .any(|n| n.contains(&r.network()) || r.contains(&n.network())),
+            "{r} is reserved but routed: {dsts:?}"
+        );
+    }
+    assert!(routes
+        .iter()
+        .any(|n| n.contains(&"1.1.1.1".parse::<std::net::Ipv4Addr>().unwrap())));
+    let all = nad_routes(&["--exclude", "0.0.0.0/0"]);
+    assert!(all.status.success(), "{all:?}");
+    assert!(nad_route_dsts(&all).is_empty());
+}
+
+#[test]
+fn nad_routes_refuses_bad_values_with_exit_2() {
+    for (args, says) in [
+        (&["--exclude", "10.0.0.1/8"][..], "did you mean 10.0.0.0/8"),
+        (
+            &["--exclude", "10.0.0.0/8,bogus"][..],
+            "\"bogus\" is not a CIDR",
+        ),
+        (&["--exclude", "fd00::/8"][..], "IPv6 comes with dual-stack"),
+        (
+            &["--exclude", "10.0.0.0/8", "--extra", "2001:db8::/32"][..],
+            "IPv6",
+        ),
+        (
+            &["--exclude", "10.0.0.0/8", "--via", "192.168.26.254/22"][..],
+            "not an IPv4 address",
+        ),
+        (&[][..], "--exclude"),
+    ] {
+        let out = nad_routes(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
+
+/// The example in docs/operations.md#client-routes-for-your-intranet is what the binary prints.
+#[test]
+fn nad_routes_example_in_operations_md_is_the_output() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))
+    .unwrap();
+    let section = doc
+        .split("### Client routes for your intranet")
+        .nth(1)
+        .expect("the section");
+    let mut lines = section
+        .lines()
+        .skip_while(|l| !l.starts_with("$ vpn-router nad-routes "));
+    let command = lines.next().expect("the example command");
+    let args: Vec<&str> = command["$ vpn-router nad-routes ".len()..]
+        .split(" | jq -c '.routes[]'")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let shown: Vec<&str> = lines.take_while(|l| !l.starts_with("```")).collect();
+    let out = nad_routes(&args);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let printed: Vec<String> = v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+    assert_eq!(shown, printed, "update the example in docs/operations.md");
+}
