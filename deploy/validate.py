@@ -27,6 +27,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -893,6 +894,10 @@ def check_router(objs, nads, out_dir):
                         err(o.where(), f"{ic['name']}: PORT_MAPPINGS {m} targets no virtual server on the ingress VIPs")
                 if (o.doc.get("spec") or {}).get("replicas", 1) > len(addrs):
                     err(o.where(), f"more replicas than gateways.addresses ({len(addrs)})")
+            for c in containers(o, init=False):
+                fwd = container_env(c).get("FORWARD_TO_PORT")
+                if fwd is not None and (not fwd.isdigit() or int(fwd) not in vs_ports):
+                    err(o.where(), f"{c['name']}: FORWARD_TO_PORT {fwd} is no virtual server port on the ingress VIPs {sorted(p for p in vs_ports if p)}")
         for vs in (cfg.get("ingress") or {}).get("virtual_servers") or []:
             nets = [ipaddress.ip_network(r, strict=False) for r in vs.get("real_servers") or []]
             if not any(all(a in net for a in (n.start, n.end)) for n in nads.values() for net in nets):
@@ -974,26 +979,140 @@ def check_image(root, objs, metadata_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# shell scripts embedded in containers
+# shell scripts embedded in containers or mounted from ConfigMaps, and the gluetun pod's setup
+
+SHELLS = ("/bin/sh", "sh", "/bin/ash", "ash")
+# gluetun's image defaults the example relies on (its Dockerfile's ENV)
+GLUETUN_DEFAULTS = {"VPN_INTERFACE": "tun0", "WIREGUARD_MTU": "1320"}
+GLUETUN_POST_RULES = "/iptables/post-rules.txt"
+POST_RULE_PREFIXES = ("iptables ", "iptables-nft ", "iptables-legacy ", "ip6tables ", "ip6tables-nft ", "ip6tables-legacy ")
+
+
+def mounted_file(objs, o, c, path):
+    """The content of `path` as container `c` of workload `o` sees it, if it comes from a
+    ConfigMap volume (None otherwise)."""
+    vols = {v["name"]: v for v in pod_spec(o).get("volumes") or []}
+    best = None
+    for m in c.get("volumeMounts") or []:
+        mp = m["mountPath"].rstrip("/")
+        if path == mp or path.startswith(mp + "/"):
+            if best is None or len(mp) > len(best[0]):
+                best = (mp, vols.get(m["name"]) or {})
+    if best is None or "configMap" not in best[1]:
+        return None
+    rel = path[len(best[0]) + 1:]
+    cm_name = best[1]["configMap"].get("name")
+    items = best[1]["configMap"].get("items")
+    key = rel
+    if items is not None:
+        key = next((it["key"] for it in items if it.get("path") == rel), None)
+    cm = next((x for x in objs if x.kind == "ConfigMap" and x.name == cm_name and x.ns == o.ns), None)
+    if cm is None or key is None:
+        return None
+    return (cm.doc.get("data") or {}).get(key)
+
+
+def container_env(c):
+    return {e["name"]: e["value"] for e in c.get("env") or [] if "value" in e}
+
+
+def write_script(sdir, base, text, env):
+    with open(os.path.join(sdir, base + ".sh"), "w", encoding="utf-8") as f:
+        f.write(text if text.startswith("#!") else "#!/bin/sh\n" + text + "\n")
+    with open(os.path.join(sdir, base + ".env"), "w", encoding="utf-8") as f:
+        for k, v in env.items():
+            f.write(f"{k}={v}\n")
+
 
 def extract_scripts(objs, out_dir):
+    """Every shell script a container runs: `sh -c` commands and postStart hooks, scripts
+    mounted from ConfigMaps that a container's command or gluetun's port-forwarding commands
+    run, each with the container's env (gluetun's with its image defaults). Also writes
+    commands.tsv: role, workload, container, script, arguments (for validate.sh)."""
     sdir = os.path.join(out_dir, "scripts")
     os.makedirs(sdir, exist_ok=True)
+    rows = []
     for o in objs:
         for c in containers(o):
-            cmds = [list(c.get("command") or []) + list(c.get("args") or [])]
+            env = container_env(c)
+            if c.get("name") == "gluetun":
+                env = {**GLUETUN_DEFAULTS, **env}
+            base = f"{o.kind.lower()}-{o.name}-{c['name']}"
+            cmds = [("command", list(c.get("command") or []) + list(c.get("args") or []))]
             post = (((c.get("lifecycle") or {}).get("postStart") or {}).get("exec") or {}).get("command")
             if post:
-                cmds.append(list(post))
-            for n, cmd in enumerate(cmds):
-                if len(cmd) >= 3 and cmd[0] in ("/bin/sh", "sh", "/bin/ash", "ash") and cmd[1] == "-c":
-                    base = os.path.join(sdir, f"{o.kind.lower()}-{o.name}-{c['name']}{'-poststart' if n else ''}")
-                    with open(base + ".sh", "w", encoding="utf-8") as f:
-                        f.write("#!/bin/sh\n" + cmd[2] + "\n")
-                    with open(base + ".env", "w", encoding="utf-8") as f:
-                        for e in c.get("env") or []:
-                            if "value" in e:
-                                f.write(f"{e['name']}={e['value']}\n")
+                cmds.append(("poststart", list(post)))
+            for key, role in (("VPN_PORT_FORWARDING_UP_COMMAND", "pf-up"), ("VPN_PORT_FORWARDING_DOWN_COMMAND", "pf-down")):
+                if env.get(key):
+                    try:
+                        cmds.append((role, shlex.split(env[key])))
+                    except ValueError as e:
+                        err(o.where(), f"{c['name']}: {key} {env[key]!r}: {e}")
+            for role, cmd in cmds:
+                if len(cmd) < 2 or cmd[0] not in SHELLS:
+                    continue
+                name = base + ("" if role == "command" else f"-{role}")
+                if cmd[1] == "-c" and len(cmd) >= 3:
+                    write_script(sdir, name, cmd[2], env)
+                    rows.append((role, o.name, c["name"], name + ".sh", cmd[3:]))
+                elif not cmd[1].startswith("-"):
+                    text = mounted_file(objs, o, c, cmd[1])
+                    if text is None:
+                        err(o.where(), f"{c['name']}: {role} runs {cmd[1]}, which no ConfigMap volume of the pod provides")
+                        continue
+                    write_script(sdir, name, text, env)
+                    rows.append((role, o.name, c["name"], name + ".sh", cmd[2:]))
+    with open(os.path.join(out_dir, "commands.tsv"), "w", encoding="utf-8") as f:
+        for role, wl, cname, script, args in rows:
+            f.write("\t".join([role, wl, cname, script, " ".join(args)]) + "\n")
+
+
+def check_gateway_pods(objs):
+    """A gluetun pod that is a gateway for other pods (tests/src/gluetun_pod.rs runs it in the
+    lab): gluetun forwards nothing without ip_forward and the post-rules, and runs the
+    post-rules without a shell, skipping silently every line that does not start with an
+    iptables binary's name."""
+    for o in objs:
+        if o.kind not in WORKLOAD_KINDS:
+            continue
+        cs = [c for c in containers(o, init=False) if "gluetun" in str(c.get("image", ""))]
+        if not cs:
+            continue
+        c = cs[0]
+        env = {**GLUETUN_DEFAULTS, **container_env(c)}
+        attachments = [ifname for (_, _, ifname) in multus(o)]
+        sysctls = {x.get("name"): x.get("value") for x in (pod_spec(o).get("securityContext") or {}).get("sysctls") or []}
+        if sysctls.get("net.ipv4.ip_forward") != "1":
+            err(o.where(), "gluetun never sets net.ipv4.ip_forward: the pod's securityContext.sysctls must (a gateway forwards)")
+        for ic in pod_spec(o).get("initContainers") or []:
+            ienv = container_env(ic)
+            if "GATEWAY_INTERFACE" in ienv and ienv["GATEWAY_INTERFACE"] not in attachments:
+                err(o.where(), f"{ic['name']}: GATEWAY_INTERFACE {ienv['GATEWAY_INTERFACE']} is none of the pod's Multus interfaces {attachments}")
+            if "VPN_INTERFACE" in ienv and ienv["VPN_INTERFACE"] != env["VPN_INTERFACE"]:
+                err(o.where(), f"{ic['name']}: VPN_INTERFACE {ienv['VPN_INTERFACE']} is not gluetun's ({env['VPN_INTERFACE']})")
+        text = mounted_file(objs, o, c, GLUETUN_POST_RULES)
+        if text is None:
+            err(o.where(), f"gluetun: no {GLUETUN_POST_RULES} from a ConfigMap: gluetun drops every forwarded packet (FORWARD policy DROP)")
+            continue
+        known = set(attachments) | {env["VPN_INTERFACE"], "eth0", "lo"}
+        forward = 0
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if not line.startswith(POST_RULE_PREFIXES):
+                err(o.where(), f"post-rules.txt line {n} {line!r}: gluetun skips it silently (a rule line must start with \"iptables \" or \"ip6tables \", no indentation)")
+                continue
+            if any(q in line for q in "\"'$`\\"):
+                err(o.where(), f"post-rules.txt line {n} {line!r}: gluetun runs it without a shell (no quotes, no variables)")
+            words = line.split()
+            for flag in ("-i", "-o", "--in-interface", "--out-interface"):
+                for i, w in enumerate(words[:-1]):
+                    if w == flag and words[i + 1] not in known:
+                        err(o.where(), f"post-rules.txt line {n}: interface {words[i + 1]} is none of the pod's ({', '.join(sorted(known))})")
+            if "FORWARD" in words and "ACCEPT" in words:
+                forward += 1
+        if forward == 0:
+            err(o.where(), "post-rules.txt accepts nothing in FORWARD: gluetun's policy drops every client packet")
 
 
 def main():
@@ -1021,6 +1140,7 @@ def main():
     check_pod_security(objs)
     check_router(objs, nads, out_dir)
     check_image(root, objs, metadata_path)
+    check_gateway_pods(objs)
     extract_scripts(objs, out_dir)
     for e in ERRORS:
         print(e)

@@ -18,8 +18,9 @@
 #   4b. the monitoring component (check-monitoring.sh: promtool checks and tests of the alerts,
 #      the dashboard's queries, metric names against docs/metrics.md; its own self-test runs
 #      once, at the end);
-#   5. shellcheck on the embedded scripts, and the gateways' ingress-nat script run against
-#      stub `ip`/`iptables` commands: each gateway address must DNAT to its own ingress VIP;
+#   5. shellcheck on the scripts containers run (embedded or mounted from ConfigMaps), and the
+#      gateway pod's setup and port-forwarding scripts run against stub `ip`/`iptables`
+#      commands: each gateway address must DNAT to its own ingress VIP;
 #   6. a self-test: known defects put into copies of deploy/ must each be caught, so none
 #      of the checks above can pass by doing nothing (skip with --no-selftest).
 #
@@ -88,36 +89,55 @@ validate_tree() {
   METRICS_DOC=$repo/docs/metrics.md bash "$here/check-monitoring.sh" --no-selftest "$dir" >"$out/monitoring.log" 2>&1 || { cat "$out/monitoring.log"; echo "FAILED: check-monitoring.sh"; return 1; }
 
   shellcheck -s sh "$out"/scripts/*.sh || { echo "FAILED: shellcheck of the embedded scripts"; return 1; }
-  ingress_nat_test "$out" || { echo "FAILED: ingress-nat script"; return 1; }
+  gateway_scripts_test "$out" || { echo "FAILED: the gateway pod's scripts"; return 1; }
   echo "deploy: ok ($((n_core / ${#k8s_versions[@]})) core objects valid for Kubernetes ${k8s_versions[*]})"
 }
 
-# Runs the gateways' ingress-nat init script with stub ip/iptables for every gateway address
-# of the router config, and once with an address that is not a gateway (must fail).
-ingress_nat_test() {
-  local out=$1 script env stubs addr vip log port_map
-  script=$(find "$out/scripts" -name '*-ingress-nat.sh' | head -n 1)
-  [ -n "$script" ] || { echo "no ingress-nat init container found"; return 1; }
-  env=${script%.sh}.env
+# The gateway pod's scripts (commands.tsv from validate.py: the init container's setup script
+# and gluetun's port-forwarding commands) run against stub `ip`/`iptables` commands, for every
+# gateway address of the router config: each gateway must DNAT its fixed forwarded ports and
+# the ports gluetun hands its UP command to its own ingress VIP, remove them on DOWN, ignore a
+# port that is not one, and refuse an address that is not a gateway's. (The lab runs the same
+# files for real behind gluetun's firewall: tests/src/gluetun_pod.rs.)
+gateway_scripts_test() {
+  local out=$1 stubs setup setup_env up up_args down down_args pf_env addr vip log port_map fwd state
   stubs=$out/stubs
   mkdir -p "$stubs"
+  setup=$(awk -F'\t' '$1 == "command" && $3 != "gluetun" && $4 ~ /gateway/ { print $4; exit }' "$out/commands.tsv")
+  up=$(awk -F'\t' '$1 == "pf-up" { print $4; exit }' "$out/commands.tsv")
+  up_args=$(awk -F'\t' '$1 == "pf-up" { print $5; exit }' "$out/commands.tsv")
+  down=$(awk -F'\t' '$1 == "pf-down" { print $4; exit }' "$out/commands.tsv")
+  down_args=$(awk -F'\t' '$1 == "pf-down" { print $5; exit }' "$out/commands.tsv")
+  [ -n "$setup" ] || { echo "no gateway setup init container (commands.tsv)"; return 1; }
+  [ -n "$up" ] && [ -n "$down" ] || { echo "no VPN_PORT_FORWARDING_UP_COMMAND/_DOWN_COMMAND running a mounted script"; return 1; }
+  setup_env=$out/scripts/${setup%.sh}.env
+  pf_env=$out/scripts/${up%.sh}.env
+  setup=$out/scripts/$setup up=$out/scripts/$up down=$out/scripts/$down
   # shellcheck disable=SC2016 # the stubs expand their variables when they run
   printf '#!/bin/sh\necho "2: vpn-gw-veth0: <BROADCAST,MULTICAST,UP> mtu 1420"\necho "    inet $STUB_ADDR/22 brd 192.168.27.255 scope global vpn-gw-veth0"\n' >"$stubs/ip"
+  # iptables: log every call; -C (check) and -D (delete) find nothing.
   # shellcheck disable=SC2016
-  printf '#!/bin/sh\necho "$*" >>"$STUB_LOG"\n' >"$stubs/iptables"
+  printf '#!/bin/sh\necho "$*" >>"$STUB_LOG"\ncase " $* " in *" -C "*|*" -D "*) exit 1 ;; esac\n' >"$stubs/iptables"
   chmod +x "$stubs/ip" "$stubs/iptables"
-  # run_nat ADDR LOG: the script with the container's env, seeing ADDR on its interface.
-  run_nat() (
-    while IFS='=' read -r k v; do export "$k=$v"; done <"$env"
-    STUB_ADDR=$1 STUB_LOG=$2 PATH="$stubs:$PATH" exec sh "$script"
+  # run SCRIPT ENV ADDR LOG STATE ARGS...: a script with a container's env, seeing ADDR on its
+  # interface, STATE as its state directory.
+  run() (
+    local script=$1 envf=$2
+    while IFS='=' read -r k v; do export "$k=$v"; done <"$envf"
+    STUB_ADDR=$3 STUB_LOG=$4 STATE_DIR=$5 PATH="$stubs:$PATH"
+    export STUB_ADDR STUB_LOG STATE_DIR PATH
+    shift 5
+    exec sh "$script" "$@"
   )
-  port_map=$(sed -n 's/^PORT_MAPPINGS=//p' "$env")
-  [ -n "$port_map" ] || { echo "ingress-nat has no PORT_MAPPINGS"; return 1; }
+  port_map=$(sed -n 's/^PORT_MAPPINGS=//p' "$setup_env")
+  fwd=$(sed -n 's/^FORWARD_TO_PORT=//p' "$pf_env")
+  [ -n "$fwd" ] || { echo "gluetun's env has no FORWARD_TO_PORT"; return 1; }
   while IFS=$'\t' read -r addr vip; do
-    log=$out/iptables.$addr
+    log=$out/iptables.$addr state=$out/state.$addr
     : >"$log"
-    if ! run_nat "$addr" "$log" >"$out/nat.out" 2>&1; then
-      cat "$out/nat.out"; echo "ingress-nat failed for gateway $addr"; return 1
+    mkdir -p "$state"
+    if ! run "$setup" "$setup_env" "$addr" "$log" "$state" >"$out/setup.out" 2>&1; then
+      cat "$out/setup.out"; echo "gateway setup failed for gateway $addr"; return 1
     fi
     for m in $port_map; do
       for proto in tcp udp; do
@@ -125,10 +145,25 @@ ingress_nat_test() {
           { cat "$log"; echo "gateway $addr: no $proto DNAT of port ${m%%:*} to $vip:${m#*:}"; return 1; }
       done
     done
-    grep -q -- "-t nat -A POSTROUTING -o tun0 .*-j MASQUERADE" "$log" || { echo "gateway $addr: no MASQUERADE into tun0"; return 1; }
+    : >"$log"
+    # gluetun fills {{PORTS}} with the ports, comma-separated
+    # shellcheck disable=SC2086 # the arguments are words on purpose
+    run "$up" "$pf_env" "$addr" "$log" "$state" ${up_args//\{\{PORTS\}\}/40000,40001,x0} >"$out/pf.out" 2>&1 ||
+      { cat "$out/pf.out"; echo "gateway $addr: the UP command failed"; return 1; }
+    for p in 40000 40001; do
+      grep -qxF -- "-t nat -A PREROUTING -i tun0 -p tcp --dport $p -j DNAT --to-destination $vip:$fwd" "$log" ||
+        { cat "$log" "$out/pf.out"; echo "gateway $addr: the UP command made no tcp DNAT of port $p to $vip:$fwd"; return 1; }
+    done
+    grep -q -- "x0" "$log" && { cat "$log"; echo "gateway $addr: the UP command used the port 'x0'"; return 1; }
+    : >"$log"
+    # shellcheck disable=SC2086
+    run "$down" "$pf_env" "$addr" "$log" "$state" ${down_args//\{\{PORTS\}\}/40000} >"$out/pf.out" 2>&1 ||
+      { cat "$out/pf.out"; echo "gateway $addr: the DOWN command failed"; return 1; }
+    grep -qxF -- "-t nat -D PREROUTING -i tun0 -p udp --dport 40000 -j DNAT --to-destination $vip:$fwd" "$log" ||
+      { cat "$log"; echo "gateway $addr: the DOWN command removed no udp DNAT of port 40000"; return 1; }
   done <"$out/gateways.tsv"
-  if run_nat 192.168.24.5 /dev/null >/dev/null 2>&1; then
-    echo "ingress-nat accepted 192.168.24.5, which is no gateway address"; return 1
+  if run "$setup" "$setup_env" 192.168.24.5 /dev/null "$out/state.none" >/dev/null 2>&1; then
+    echo "gateway setup accepted 192.168.24.5, which is no gateway address"; return 1
   fi
 }
 
@@ -190,7 +225,13 @@ mutate base/kustomization.yaml '/router-pdb.yaml/d' "not listed in its directory
 mutate components/ecmp-hash-seed/kustomization.yaml 's/name: vpn-router$/name: vpn-routr/' "patch target Deployment/vpn-routr matches no object"
 mutate base/namespace.yaml 's/enforce: privileged/enforce: baseline/' "refused by PodSecurity baseline"
 mutate Dockerfile 's/^ARG RUST_VERSION=.*/ARG RUST_VERSION=1.85/' "RUST_VERSION 1.85 is older than"
-mutate examples/gateways/gluetun-statefulset.yaml 's/+ i ))"$/+ i + 1 ))"/' "no tcp DNAT of port 51413"
+mutate examples/gateways/gateway-setup.yaml 's/+ i ))"$/+ i + 1 ))"/' "no tcp DNAT of port 51413"
+mutate examples/gateways/gateway-setup.yaml 's/--to-destination $vip:$FORWARD_TO_PORT"/--to-destination $vip"/' "the UP command made no tcp DNAT of port 40000"
+mutate examples/gateways/gateway-setup.yaml 's/^    iptables -A FORWARD -i vpn-gw-veth0 -o tun0 -j ACCEPT$/    iptables -A FORWARD -i vpn-gw-veth1 -o tun0 -j ACCEPT/' "interface vpn-gw-veth1 is none of the pod's"
+mutate examples/gateways/gateway-setup.yaml 's/^    iptables -t nat -A POSTROUTING/     iptables -t nat -A POSTROUTING/' "gluetun skips it silently"
+mutate examples/gateways/gateway-setup.yaml '/^    iptables -A FORWARD/d' "accepts nothing in FORWARD"
+mutate examples/gateways/gluetun-statefulset.yaml '/name: net.ipv4.ip_forward$/{n;s/value: "1"/value: "0"/}' "gluetun never sets net.ipv4.ip_forward"
+mutate examples/gateways/gluetun-statefulset.yaml 's/value: "6666"$/value: "6667"/' "FORWARD_TO_PORT 6667 is no virtual server port"
 # the client attachments' routes are exactly `vpn-router nad-routes` for the config's exclusions
 mutate base/networks.yaml '0,/{"dst": "11.0.0.0\/8"},/{/{"dst": "11.0.0.0\/8"},/d}' 'vpn-net-clients: ipam routes differ from `vpn-router nad-routes --exclude 10.0.0.0/8 --exclude-reserved` (the router config'"'"'s gateways.egress exclusions; 102 routes, expected 103: missing {"dst": "11.0.0.0/8"}'
 mutate base/router-config.yaml 's/^        exclude: \[10.0.0.0\/8\] /        exclude_reserved: false\n&/' 'vpn-net-ingress-port-1: ipam routes differ from `vpn-router nad-routes --exclude 10.0.0.0/8`'

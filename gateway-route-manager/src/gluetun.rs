@@ -227,9 +227,17 @@ impl GluetunClient {
             (NEW, status, body)
         };
         let parsed: PortForwardBody = decode_ok_json(gateway, path, status, &body)?;
-        let mut ports: Vec<u16> = parsed
-            .ports
-            .unwrap_or_default()
+        // `"port":0` (alone, or next to an empty or null list) is gluetun's "none"; a 0 in
+        // the list is not a port.
+        let listed = parsed.ports.unwrap_or_default();
+        if listed.contains(&0) {
+            return Err(check_error(
+                gateway,
+                format!("GET {path}"),
+                FailureReason::BadJson(format!("port 0 in \"ports\": {listed:?}")),
+            ));
+        }
+        let mut ports: Vec<u16> = listed
             .into_iter()
             .chain(parsed.port)
             .filter(|p| *p != 0)

@@ -21,6 +21,12 @@ pub struct GatewayLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub gateway: String,
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     pub check: String,
 }
@@ -56,6 +62,8 @@ pub struct Metrics {
     pub egress_changes: Family<ObjectLabels, Counter>,
     pub egress_reconcile_errors: Counter,
     pub probe_rtt: Family<GatewayLabels, Gauge<f64, AtomicU64>>,
+    pub forwarded_port: Family<PortLabels, Gauge>,
+    pub forwarded_ports_errors: Family<GatewayLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,6 +76,8 @@ impl Default for Metrics {
             egress_changes: Family::default(),
             egress_reconcile_errors: Counter::default(),
             probe_rtt: Family::default(),
+            forwarded_port: Family::default(),
+            forwarded_ports_errors: Family::default(),
         }
     }
 }
@@ -114,6 +124,42 @@ impl Metrics {
             "TCP connect time of the last successful data-plane probe through the gateway",
             self.probe_rtt.clone(),
         );
+        registry.register(
+            "vpn_router_gateway_forwarded_port",
+            "A port the gateway's VPN provider forwards to it (1), from gluetun's /v1/portforward",
+            self.forwarded_port.clone(),
+        );
+        registry.register(
+            "vpn_router_gateway_forwarded_ports_errors",
+            "Answers of /v1/portforward that were ignored (malformed, or a port 0 in the list)",
+            self.forwarded_ports_errors.clone(),
+        );
+    }
+
+    /// The gateway's forwarded ports changed from `old` to `new`: one series per port.
+    pub(crate) fn set_forwarded_ports(&self, gateway: &str, old: &[u16], new: &[u16]) {
+        for p in old.iter().filter(|p| !new.contains(p)) {
+            self.forwarded_port.remove(&PortLabels {
+                gateway: gateway.to_owned(),
+                port: p.to_string(),
+            });
+        }
+        for p in new {
+            self.forwarded_port
+                .get_or_create(&PortLabels {
+                    gateway: gateway.to_owned(),
+                    port: p.to_string(),
+                })
+                .set(1);
+        }
+    }
+
+    pub(crate) fn count_forwarded_ports_error(&self, gateway: &str) {
+        self.forwarded_ports_errors
+            .get_or_create(&GatewayLabels {
+                gateway: gateway.to_owned(),
+            })
+            .inc();
     }
 
     pub(crate) fn observe_check(&self, check: &str, took: Duration) {
@@ -155,6 +201,8 @@ mod tests {
         metrics.count_failure("192.168.25.128", "timeout");
         metrics.observe_check("vpn_status", Duration::from_millis(3));
         metrics.count_change("route");
+        metrics.set_forwarded_ports("192.168.25.128", &[], &[5000, 5001]);
+        metrics.set_forwarded_ports("192.168.25.128", &[5000, 5001], &[5001]);
         metrics
             .probe_rtt
             .get_or_create(&GatewayLabels {
@@ -167,6 +215,10 @@ mod tests {
             "vpn_router_gateway_check_failures_total{gateway=\"192.168.25.128\",reason=\"timeout\"} 1"
         ), "{text}");
         assert!(text.contains("vpn_router_egress_route_changes_total{object=\"route\"} 1"));
+        assert!(text.contains(
+            "vpn_router_gateway_forwarded_port{gateway=\"192.168.25.128\",port=\"5001\"} 1"
+        ));
+        assert!(!text.contains("port=\"5000\""), "{text}");
         assert!(text.contains("vpn_router_gateway_check_duration_seconds_bucket{le=\"0.005\",check=\"vpn_status\"} 1"), "{text}");
         assert!(
             text.contains("vpn_router_gateway_probe_rtt_seconds{gateway=\"192.168.25.128\"} 0.012")

@@ -279,6 +279,26 @@ async fn port_forward_new_list_and_old_endpoint_fallback() {
     assert_eq!(c.forwarded_ports(GW).await.unwrap(), vec![6666, 6667]);
     mock.set("/v1/portforward", 200, r#"{"port":6666}"#);
     assert_eq!(c.forwarded_ports(GW).await.unwrap(), vec![6666]);
+    // gluetun v3.41.2+: both keys; "none" with an empty list, or null before it ever ran.
+    mock.set("/v1/portforward", 200, r#"{"port":6666,"ports":[6666]}"#);
+    assert_eq!(c.forwarded_ports(GW).await.unwrap(), vec![6666]);
+    mock.set("/v1/portforward", 200, r#"{"port":0,"ports":[]}"#);
+    assert_eq!(c.forwarded_ports(GW).await.unwrap(), Vec::<u16>::new());
+    mock.set("/v1/portforward", 200, r#"{"port":0,"ports":null}"#);
+    assert_eq!(c.forwarded_ports(GW).await.unwrap(), Vec::<u16>::new());
+    // Bad input: a 0 in the list, a port out of range, not JSON.
+    for bad in [r#"{"port":5,"ports":[0,5]}"#, r#"{"port":70000}"#, "<html>"] {
+        mock.set("/v1/portforward", 200, bad);
+        let err = c.forwarded_ports(GW).await.unwrap_err();
+        assert!(
+            matches!(err.reason, FailureReason::BadJson(_)),
+            "{bad}: {err}"
+        );
+        assert!(
+            err.to_string().contains("127.0.0.1"),
+            "names the gateway: {err}"
+        );
+    }
     // An older gluetun: /v1/portforward is 404, the old route answers.
     mock.routes.lock().unwrap().remove("/v1/portforward");
     mock.set("/v1/openvpn/portforwarded", 200, r#"{"port":5555}"#);

@@ -347,7 +347,7 @@ fn first_lines(s: &str, n: usize) -> String {
     s.lines().take(n).collect::<Vec<_>>().join("\n      ")
 }
 
-fn list(v: &[Ipv4Addr]) -> String {
+fn list<T: std::fmt::Display>(v: &[T]) -> String {
     v.iter()
         .map(|a| a.to_string())
         .collect::<Vec<_>>()
@@ -370,6 +370,14 @@ pub fn run(builder: LabBuilder) -> Result<(), LabError> {
         lab.ingress_pods().len(),
         if lab.has_dns() { ", DNS" } else { "" },
     );
+    if let Some(g) = lab.gateways().first().filter(|g| g.provider().is_some()) {
+        println!(
+            "gateways: the shipped gluetun pod (deploy/examples/gateways) behind gluetun's own firewall (policies DROP; the example's post-rules let clients through {} → tun0), each with a tunnel to its own VPN provider; forwarded port{} {}",
+            g.lan_if(),
+            if g.forwarded_ports().len() == 1 { "" } else { "s" },
+            list(&g.forwarded_ports())
+        );
+    }
     println!("logs and configs: {}", lab.dir.display());
     tour(&lab, true)?;
     let td = Instant::now();
@@ -740,7 +748,7 @@ pub fn tour(lab: &Lab, start_routers: bool) -> Result<TourSummary, LabError> {
         let url = format!(
             "http://{}:{}/whoami",
             g.public_ip(),
-            topo::gateway_forwarded_port(0)
+            g.forwarded_port().unwrap_or(0)
         );
         match lab.internet_http_get(&url, Duration::from_secs(2)) {
             Ok(r) => {

@@ -35,8 +35,10 @@ pub struct GluetunState {
     /// it has not found it).
     pub public_ip: String,
     pub region: String,
-    /// The forwarded port, if the provider forwards one.
-    pub port: Option<u16>,
+    /// The ports gluetun's port forwarding got from the provider: `None` while it never ran
+    /// (`VPN_PORT_FORWARDING=off`, or before the first tunnel), `Some(vec![])` when the
+    /// provider gave none.
+    pub ports: Option<Vec<u16>>,
     pub auth: GluetunAuth,
     /// What the health server (:9999) reports; gluetun's can be stale, so the lab keeps it
     /// `true` while the tunnel is silently dead.
@@ -45,12 +47,12 @@ pub struct GluetunState {
 
 impl GluetunState {
     /// A healthy, running gateway.
-    pub fn running(public_ip: &str, port: Option<u16>, auth: GluetunAuth) -> Self {
+    pub fn running(public_ip: &str, ports: Option<Vec<u16>>, auth: GluetunAuth) -> Self {
         Self {
             status: "running".into(),
             public_ip: public_ip.into(),
             region: "Lab".into(),
-            port,
+            ports,
             auth,
             healthy: true,
         }
@@ -188,9 +190,23 @@ pub fn respond(state: &GluetunState, req: &Request) -> Response {
             };
             Response::json(200, body.to_string())
         }
-        ("GET", "/v1/portforward" | "/v1/openvpn/portforwarded") => {
-            let port = if running { state.port.unwrap_or(0) } else { 0 };
-            Response::json(200, serde_json::json!({ "port": port }).to_string())
+        // v3.41.2+ (the example's image): `{"port":N,"ports":[N,...]}`, `port` the first;
+        // `"ports":null` while port forwarding never started. A stopped VPN has stopped its
+        // port forwarding: no ports.
+        ("GET", "/v1/portforward") => {
+            let ports = match &state.ports {
+                Some(p) if running => Some(p.clone()),
+                Some(_) => Some(Vec::new()),
+                None => None,
+            };
+            let port = ports.as_ref().and_then(|p| p.first().copied()).unwrap_or(0);
+            Response::json(
+                200,
+                serde_json::json!({ "port": port, "ports": ports }).to_string(),
+            )
+        }
+        ("GET", "/v1/openvpn/portforwarded") => {
+            Response::text(301, "").with_header("Location", "/v1/portforward")
         }
         (_, p) if p.starts_with("/v1/") => Response::text(404, "Not Found\n"),
         _ => Response::text(404, "Not Found\n"),
@@ -241,7 +257,7 @@ mod tests {
 
     #[test]
     fn running_gateway_answers_every_endpoint() {
-        let s = GluetunState::running("203.0.113.10", Some(40000), GluetunAuth::None);
+        let s = GluetunState::running("203.0.113.10", Some(vec![40000]), GluetunAuth::None);
         assert_eq!(
             respond(&s, &req("GET", "/v1/vpn/status", &[])).body,
             r#"{"status":"running"}"#
@@ -249,16 +265,24 @@ mod tests {
         let ip: serde_json::Value =
             serde_json::from_str(&respond(&s, &req("GET", "/v1/publicip/ip", &[])).body).unwrap();
         assert_eq!(ip["public_ip"], "203.0.113.10");
-        for p in ["/v1/portforward", "/v1/openvpn/portforwarded"] {
-            assert_eq!(respond(&s, &req("GET", p, &[])).body, r#"{"port":40000}"#);
-        }
+        assert_eq!(
+            respond(&s, &req("GET", "/v1/portforward", &[])).body,
+            r#"{"port":40000,"ports":[40000]}"#
+        );
+        let moved = respond(&s, &req("GET", "/v1/openvpn/portforwarded", &[]));
+        assert_eq!(moved.status, 301);
+        let off = GluetunState::running("203.0.113.10", None, GluetunAuth::None);
+        assert_eq!(
+            respond(&off, &req("GET", "/v1/portforward", &[])).body,
+            r#"{"port":0,"ports":null}"#
+        );
         assert_eq!(health(&s).status, 200);
         assert_eq!(respond(&s, &req("GET", "/v1/nope", &[])).status, 404);
     }
 
     #[test]
     fn breaks_change_answers() {
-        let ok = GluetunState::running("203.0.113.10", Some(40000), GluetunAuth::None);
+        let ok = GluetunState::running("203.0.113.10", Some(vec![40000]), GluetunAuth::None);
         let stopped = GatewayBreak::ApiStopped.apply(&ok).unwrap();
         assert_eq!(
             respond(&stopped, &req("GET", "/v1/vpn/status", &[])).body,
@@ -269,6 +293,10 @@ mod tests {
             r#"{"public_ip":""}"#
         );
         assert_eq!(health(&stopped).status, 500);
+        assert_eq!(
+            respond(&stopped, &req("GET", "/v1/portforward", &[])).body,
+            r#"{"port":0,"ports":[]}"#
+        );
         let noip = GatewayBreak::PublicIpEmpty.apply(&ok).unwrap();
         assert_eq!(
             respond(&noip, &req("GET", "/v1/publicip/ip", &[])).body,

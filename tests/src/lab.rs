@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::config::{self, RouterConfigInput, RouterSecrets, RouterTuning};
 use crate::dns;
 use crate::gluetun::{GatewayBreak, GluetunAuth, GluetunState};
+use crate::gluetun_pod::{self, GatewayPodSpec, PodRun, Tunnel};
 use crate::http::{self, HttpResponse};
 use crate::netns::{self, Netns, NetnsError, LAB_ROOT};
 use crate::probe::{self, Flows};
@@ -68,6 +69,9 @@ pub enum LabError {
     },
     #[error("bad lab parameters: {0}")]
     Params(String),
+    /// The shipped gateway example cannot be read, or its pod fails as it would on a cluster.
+    #[error("gateway example (deploy/examples/gateways): {0}")]
+    GatewayPod(String),
     #[error("DNS query {query} to the lab's named: {reason}")]
     Dns { query: String, reason: String },
 }
@@ -186,6 +190,36 @@ pub struct LabBuilder {
     lab_bin: Option<PathBuf>,
     auth: GluetunAuth,
     tuning: RouterTuning,
+    gateway_kind: GatewayKind,
+    port_forwarding: PortForwarding,
+    port_mappings: Option<String>,
+}
+
+/// What a lab gateway is.
+#[derive(Debug, Clone, Default)]
+pub enum GatewayKind {
+    /// The shipped gluetun pod of deploy/examples/gateways behind gluetun's firewall as gluetun
+    /// builds it, with a tunnel to a per-gateway provider namespace (tests/src/gluetun_pod.rs).
+    #[default]
+    Gluetun,
+    /// [`GatewayKind::Gluetun`] with a changed pod spec.
+    GluetunSpec(Box<GatewayPodSpec>),
+    /// A bare forwarder with no firewall and no tunnel (masquerade out of `wan0`, DNAT of
+    /// port 40000+i): only for tests that need a gateway to forward whatever reaches it.
+    Permissive,
+}
+
+/// How the providers forward ports: the example's two kinds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PortForwarding {
+    /// Fixed ports (the example as shipped): the init container's `PORT_MAPPINGS` DNATs them,
+    /// the provider forwards their VPN ports, gluetun's port forwarding is off.
+    #[default]
+    Fixed,
+    /// Ports handed out at run time: gluetun's `VPN_PORT_FORWARDING=on`, `PORT_MAPPINGS`
+    /// empty, the example's up/down commands DNAT whatever port gateway i gets (first
+    /// `topo::gateway_forwarded_port(i)`; `GatewayNode::set_forwarded_ports` changes it).
+    Dynamic,
 }
 
 impl Default for LabBuilder {
@@ -203,6 +237,9 @@ impl Default for LabBuilder {
                 key: "lab-api-key".into(),
             },
             tuning: RouterTuning::default(),
+            gateway_kind: GatewayKind::default(),
+            port_forwarding: PortForwarding::default(),
+            port_mappings: None,
         }
     }
 }
@@ -250,6 +287,21 @@ impl LabBuilder {
     }
     pub fn tuning(mut self, t: RouterTuning) -> Self {
         self.tuning = t;
+        self
+    }
+    /// What the gateways are (default: the shipped gluetun pod).
+    pub fn gateway_kind(mut self, k: GatewayKind) -> Self {
+        self.gateway_kind = k;
+        self
+    }
+    /// Fixed (default) or dynamic forwarded ports.
+    pub fn port_forwarding(mut self, p: PortForwarding) -> Self {
+        self.port_forwarding = p;
+        self
+    }
+    /// Overrides the init container's `PORT_MAPPINGS` ("vpn:virtual-server" pairs).
+    pub fn port_mappings(mut self, m: impl Into<String>) -> Self {
+        self.port_mappings = Some(m.into());
         self
     }
 
@@ -576,16 +628,35 @@ impl RouterNode {
     }
 }
 
-/// A gateway namespace (a gluetun pod) and its control-server mock.
+/// A gateway namespace (a gluetun pod) and its control-server stand-in.
 #[derive(Debug)]
 pub struct GatewayNode {
     pub index: usize,
     pub ns: Netns,
     pub state_file: PathBuf,
     pub log_path: PathBuf,
-    healthy_state: GluetunState,
+    healthy_state: Mutex<GluetunState>,
     lab_bin: PathBuf,
     proc_: Mutex<Option<Proc>>,
+    faithful: Option<Faithful>,
+}
+
+/// The gluetun-pod side of a gateway.
+#[derive(Debug)]
+struct Faithful {
+    /// The VPN provider's namespace: the tunnel's far end, the gateway's public IP.
+    provider: Netns,
+    spec: GatewayPodSpec,
+    /// Set once the pod started.
+    pod: Mutex<Option<PodRun>>,
+    dynamic: bool,
+    /// Ports the provider forwards to this gateway now.
+    forwarded: Mutex<Vec<u16>>,
+}
+
+/// The provider's name for its end of the tunnel.
+fn provider_if(tun: &str) -> String {
+    format!("{tun}p")
 }
 
 impl GatewayNode {
@@ -595,9 +666,75 @@ impl GatewayNode {
     pub fn public_ip(&self) -> Ipv4Addr {
         topo::gateway_public(self.index)
     }
+    /// The gateway's interface on the VPN gateway network (the example's Multus name for the
+    /// gluetun pod, `gw0` for the permissive one).
+    pub fn lan_if(&self) -> &str {
+        self.faithful
+            .as_ref()
+            .map_or("gw0", |f| f.spec.gateway_interface.as_str())
+    }
+    /// The namespace whose `wan0` is on the Internet: the provider's for a gluetun pod.
+    pub fn wan_ns(&self) -> &Netns {
+        self.faithful.as_ref().map_or(&self.ns, |f| &f.provider)
+    }
+    /// The provider namespace (None for a permissive gateway).
+    pub fn provider(&self) -> Option<&Netns> {
+        self.faithful.as_ref().map(|f| &f.provider)
+    }
+    /// Ports the Internet reaches this gateway's ingress VIP through, now.
+    pub fn forwarded_ports(&self) -> Vec<u16> {
+        match &self.faithful {
+            Some(f) => f
+                .forwarded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            None => vec![topo::gateway_forwarded_port(self.index)],
+        }
+    }
+    /// The first of `forwarded_ports`.
+    pub fn forwarded_port(&self) -> Option<u16> {
+        self.forwarded_ports().first().copied()
+    }
+    /// What gluetun ran in this gateway (firewall, post-rules, scripts), for failure messages.
+    pub fn pod_log(&self) -> String {
+        self.faithful
+            .as_ref()
+            .and_then(|f| {
+                f.pod
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(|p| p.log.join("\n"))
+            })
+            .unwrap_or_default()
+    }
 
-    /// Starts the gluetun mock (no-op when running) and waits for its port.
+    /// Where the stand-in listens: gluetun's `HTTP_CONTROL_SERVER_ADDRESS` and
+    /// `HEALTH_SERVER_ADDRESS` for a gluetun pod (":8000" is every address).
+    fn listen_addrs(&self) -> (String, String) {
+        let Some(f) = &self.faithful else {
+            return (
+                format!("0.0.0.0:{}", topo::GLUETUN_PORT),
+                format!("0.0.0.0:{}", topo::GLUETUN_HEALTH_PORT),
+            );
+        };
+        let fix = |a: &str| {
+            if a.starts_with(':') {
+                format!("0.0.0.0{a}")
+            } else {
+                a.to_owned()
+            }
+        };
+        (
+            fix(f.spec.env("HTTP_CONTROL_SERVER_ADDRESS")),
+            fix(f.spec.env("HEALTH_SERVER_ADDRESS")),
+        )
+    }
+
+    /// Starts the gluetun stand-in (no-op when running) and waits for its port.
     pub fn start(&self) -> Result<(), LabError> {
+        let (control, health) = self.listen_addrs();
         {
             let mut g = self.proc_.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(p) = g.as_mut() {
@@ -608,9 +745,9 @@ impl GatewayNode {
             let args = vec![
                 "gluetun".to_string(),
                 "--listen".to_string(),
-                format!("0.0.0.0:{}", topo::GLUETUN_PORT),
+                control,
                 "--health-listen".to_string(),
-                format!("0.0.0.0:{}", topo::GLUETUN_HEALTH_PORT),
+                health,
                 "--state-file".to_string(),
                 self.state_file.display().to_string(),
                 "--log".to_string(),
@@ -621,30 +758,67 @@ impl GatewayNode {
         wait_tcp(
             &self.ns,
             SocketAddr::from((self.address(), topo::GLUETUN_PORT)),
-            "gluetun mock",
+            "gluetun stand-in",
             Duration::from_secs(5),
         )
     }
 
-    /// Writes the mock's state (takes effect on the next request).
+    /// Writes the stand-in's state (takes effect on the next request).
     pub fn set_state(&self, s: &GluetunState) -> Result<(), LabError> {
         write_state(&self.state_file, s)
             .map_err(io_err(format!("write {}", self.state_file.display())))
     }
 
-    pub fn healthy_state(&self) -> &GluetunState {
-        &self.healthy_state
+    pub fn healthy_state(&self) -> GluetunState {
+        self.healthy_state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
-    /// Drops (true) or restores (false) everything the gateway would forward: the tunnel.
+    /// Drops (true) or restores (false) everything the gateway would forward: the tunnel (the
+    /// provider's side of it for a gluetun pod).
     pub fn set_tunnel_dead(&self, dead: bool) -> Result<(), LabError> {
         let rules = if dead {
             "flush chain ip lab tunnel\nadd rule ip lab tunnel counter drop\n"
         } else {
             "flush chain ip lab tunnel\n"
         };
-        self.ns.nft(rules)?;
+        self.wan_ns().nft(rules)?;
         Ok(())
+    }
+
+    /// The provider hands out `ports` (dynamic port forwarding only): the provider forwards
+    /// them instead of the old ones, and gluetun runs what it runs on a change (the example's
+    /// DOWN command with the old ports, then UP with the new) and reports them on
+    /// `/v1/portforward`.
+    pub fn set_forwarded_ports(&self, ports: &[u16]) -> Result<(), LabError> {
+        let f = self
+            .faithful
+            .as_ref()
+            .filter(|f| f.dynamic)
+            .ok_or_else(|| {
+                LabError::Params(
+                    "set_forwarded_ports needs gluetun gateways with PortForwarding::Dynamic"
+                        .into(),
+                )
+            })?;
+        let old = self.forwarded_ports();
+        let mut pod = f.pod.lock().unwrap_or_else(|e| e.into_inner());
+        let pod = pod
+            .as_mut()
+            .ok_or_else(|| LabError::GatewayPod("the gateway pod has not started".into()))?;
+        provider_forward(&f.provider, &old, ports)?;
+        pod.forward_ports(&self.ns, &old, ports)
+            .map_err(LabError::GatewayPod)?;
+        *f.forwarded.lock().unwrap_or_else(|e| e.into_inner()) = ports.to_vec();
+        let mut healthy = self.healthy_state.lock().unwrap_or_else(|e| e.into_inner());
+        healthy.ports = Some(ports.to_vec());
+        let mut now =
+            crate::servers::read_state(&self.state_file).unwrap_or_else(|_| healthy.clone());
+        now.ports = Some(ports.to_vec());
+        drop(healthy);
+        self.set_state(&now)
     }
 
     /// Breaks the gateway in one realistic way. Every break but `AuthChanged` also stops the
@@ -661,7 +835,7 @@ impl GatewayNode {
                 }
             }
             other => {
-                if let Some(s) = other.apply(&self.healthy_state) {
+                if let Some(s) = other.apply(&self.healthy_state()) {
                     self.set_state(&s)?;
                 }
             }
@@ -671,17 +845,18 @@ impl GatewayNode {
 
     /// Back to healthy: state, tunnel and process.
     pub fn repair(&self) -> Result<(), LabError> {
-        self.set_state(&self.healthy_state)?;
+        self.set_state(&self.healthy_state())?;
         self.set_tunnel_dead(false)?;
         self.start()
     }
 
-    /// Packets this gateway forwarded from the VPN network out to the Internet.
+    /// Packets this gateway forwarded from the VPN network out to the Internet (counted where
+    /// they leave for the Internet: the provider, for a gluetun pod).
     pub fn egress_packets(&self) -> Result<u64, LabError> {
-        counter_packets(&self.ns, "egress")
+        counter_packets(self.wan_ns(), "egress")
     }
 
-    /// `GET` on the mock's control server from the gateway namespace itself.
+    /// `GET` on the stand-in's control server from the gateway namespace itself.
     pub fn control_get(
         &self,
         path: &str,
@@ -693,13 +868,81 @@ impl GatewayNode {
             .run_in(|| http::request("GET", &url, headers, "", Duration::from_secs(2)))??)
     }
 
-    /// `GET /` on the health server.
+    /// `GET /` on the health server (gluetun's listens on loopback only).
     pub fn health_get(&self) -> Result<HttpResponse, LabError> {
-        let url = format!("http://{}:{}/", self.address(), topo::GLUETUN_HEALTH_PORT);
+        let (_, health) = self.listen_addrs();
+        let url = format!("http://{}/", health.replace("0.0.0.0", "127.0.0.1"));
         Ok(self
             .ns
             .run_in(|| http::get(&url, Duration::from_secs(2)))??)
     }
+
+    /// Starts the gluetun pod: its init containers, gluetun's firewall, post-rules, routing
+    /// and tunnel (no-op for a permissive gateway).
+    fn start_pod(&self, dir: &Path, mappings: Option<&str>) -> Result<(), LabError> {
+        let Some(f) = &self.faithful else {
+            return Ok(());
+        };
+        let mut init_env = Vec::new();
+        if f.dynamic {
+            init_env.push(("PORT_MAPPINGS".to_owned(), String::new()));
+        } else if let Some(m) = mappings {
+            init_env.push(("PORT_MAPPINGS".to_owned(), m.to_owned()));
+        }
+        let tunnel = Tunnel {
+            provider: f.provider.clone(),
+            endpoint: (self.public_ip(), 51820),
+        };
+        let pod = PodRun::start(
+            f.spec.clone(),
+            &self.ns,
+            &tunnel,
+            &gluetun_pod::volumes_dir(dir, self.index),
+            &init_env,
+        )
+        .map_err(LabError::GatewayPod)?;
+        *f.pod.lock().unwrap_or_else(|e| e.into_inner()) = Some(pod);
+        Ok(())
+    }
+}
+
+/// The provider forwards `new` (tcp and udp) to the tunnel address instead of `old`.
+fn provider_forward(provider: &Netns, old: &[u16], new: &[u16]) -> Result<(), LabError> {
+    let mut cmds = String::new();
+    if !old.is_empty() {
+        let list: Vec<String> = old.iter().map(u16::to_string).collect();
+        cmds.push_str(&format!(
+            "delete element ip lab forwarded {{ {} }}\n",
+            list.join(", ")
+        ));
+    }
+    if !new.is_empty() {
+        let list: Vec<String> = new.iter().map(u16::to_string).collect();
+        cmds.push_str(&format!(
+            "add element ip lab forwarded {{ {} }}\n",
+            list.join(", ")
+        ));
+    }
+    if !cmds.is_empty() {
+        provider.nft(&cmds)?;
+    }
+    Ok(())
+}
+
+/// The VPN ports of "vpn:virtual-server" pairs.
+fn mapped_vpn_ports(mappings: &str) -> Result<Vec<u16>, LabError> {
+    mappings
+        .split_whitespace()
+        .map(|m| {
+            m.split(':')
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|p| *p != 0)
+                .ok_or_else(|| {
+                    LabError::GatewayPod(format!("PORT_MAPPINGS entry {m:?} is not vpn-port:port"))
+                })
+        })
+        .collect()
 }
 
 /// The elements of the node's `leaked` set: `input interface . source . destination .
@@ -820,6 +1063,7 @@ impl Lab {
         let mut v = vec![self.inet.clone(), self.node.clone()];
         v.extend(self.routers.iter().map(|r| r.ns.clone()));
         v.extend(self.gateways.iter().map(|g| g.ns.clone()));
+        v.extend(self.gateways.iter().filter_map(|g| g.provider().cloned()));
         v.extend(self.clients.iter().map(|c| c.ns.clone()));
         v.extend(self.ingress.iter().map(|c| c.ns.clone()));
         v.push(self.sw.clone());
@@ -901,20 +1145,66 @@ impl Lab {
                 proc_: Mutex::new(None),
             });
         }
+        let spec = match &b.gateway_kind {
+            GatewayKind::Gluetun => {
+                Some(GatewayPodSpec::load().map_err(|e| LabError::GatewayPod(e.to_string()))?)
+            }
+            GatewayKind::GluetunSpec(s) => Some((**s).clone()),
+            GatewayKind::Permissive => None,
+        };
+        let spec = spec.map(|mut s| {
+            if b.port_forwarding == PortForwarding::Dynamic {
+                s.gluetun
+                    .env
+                    .insert("VPN_PORT_FORWARDING".into(), "on".into());
+            }
+            s
+        });
+        // The ports a fixed-port provider forwards: the example's PORT_MAPPINGS (or the
+        // builder's), VPN side.
+        let fixed_ports = match (&spec, b.port_forwarding) {
+            (Some(s), PortForwarding::Fixed) => {
+                let from_spec = s
+                    .init
+                    .iter()
+                    .find_map(|c| c.env.get("PORT_MAPPINGS").cloned())
+                    .unwrap_or_default();
+                mapped_vpn_ports(b.port_mappings.as_deref().unwrap_or(&from_spec))?
+            }
+            _ => Vec::new(),
+        };
         for i in 0..b.gateways {
             let ns = Netns::create(&name(&format!("gw{i}")))?;
+            let faithful = match &spec {
+                Some(s) => Some(Faithful {
+                    provider: Netns::create(&name(&format!("vpn{i}")))?,
+                    spec: s.clone(),
+                    pod: Mutex::new(None),
+                    dynamic: b.port_forwarding == PortForwarding::Dynamic,
+                    forwarded: Mutex::new(Vec::new()),
+                }),
+                None => None,
+            };
+            // What the stand-in reports on /v1/portforward: gluetun's port forwarding never
+            // ran unless it is on (the permissive gateway keeps the old lab's one port).
+            let ports = match &faithful {
+                Some(f) if f.dynamic => Some(Vec::new()),
+                Some(_) => None,
+                None => Some(vec![topo::gateway_forwarded_port(i)]),
+            };
             lab.gateways.push(GatewayNode {
                 index: i,
                 ns,
                 state_file: dir.join(format!("gw{i}.state.json")),
                 log_path: dir.join(format!("gw{i}.log")),
-                healthy_state: GluetunState::running(
+                healthy_state: Mutex::new(GluetunState::running(
                     &topo::gateway_public(i).to_string(),
-                    Some(topo::gateway_forwarded_port(i)),
+                    ports,
                     b.auth.clone(),
-                ),
+                )),
                 lab_bin: lab_bin.clone(),
                 proc_: Mutex::new(None),
+                faithful,
             });
         }
         for j in 0..b.clients {
@@ -934,7 +1224,7 @@ impl Lab {
             });
         }
         lab.wire()?;
-        lab.start_services()?;
+        lab.start_services(&b, &fixed_ports)?;
         for r in &lab.routers {
             let y = config::router_config(&RouterConfigInput {
                 router: r.index,
@@ -1011,8 +1301,13 @@ impl Lab {
         }
         for g in &self.gateways {
             let i = g.index;
-            ports.push((format!("g-gw{i}"), "brgw", &g.ns, "gw0", mtu));
-            ports.push((format!("i-gw{i}"), "brinet", &g.ns, "wan0", 1500));
+            ports.push((format!("g-gw{i}"), "brgw", &g.ns, g.lan_if(), mtu));
+            ports.push((format!("i-gw{i}"), "brinet", g.wan_ns(), "wan0", 1500));
+            if g.faithful.is_some() {
+                // A pod's primary network: gluetun needs its default route (and finds the
+                // pod network as a local network).
+                ports.push((format!("p-gw{i}"), "brpod", &g.ns, "eth0", 1500));
+            }
         }
         for c in &self.clients {
             let j = c.index;
@@ -1052,6 +1347,10 @@ impl Lab {
         }
         for g in &self.gateways {
             let i = g.index;
+            if let Some(f) = &g.faithful {
+                self.wire_gluetun_gateway(g, f)?;
+                continue;
+            }
             g.ns.ip_batch(&[
                 format!("addr add {}/{gp} dev gw0", topo::gateway(i)),
                 format!("addr add {}/24 dev wan0", topo::gateway_public(i)),
@@ -1096,6 +1395,45 @@ impl Lab {
         Ok(())
     }
 
+    /// A gluetun pod's plumbing, before the pod starts: its attachment and primary network
+    /// (as Multus and the CNI leave them), and the provider: public address, the tunnel's far
+    /// end (proxy ARP, the route to the tunnel address), masquerade, forwarded ports. The
+    /// tunnel's near end waits in the provider until gluetun would create it.
+    fn wire_gluetun_gateway(&self, g: &GatewayNode, f: &Faithful) -> Result<(), LabError> {
+        let i = g.index;
+        let lan = g.lan_if();
+        let tun = f.spec.env("VPN_INTERFACE").to_owned();
+        let tunp = provider_if(&tun);
+        let mtu = f.spec.env("WIREGUARD_MTU").to_owned();
+        let addr = gluetun_pod::tunnel_address(&f.spec)
+            .map_err(|e| LabError::GatewayPod(e.to_string()))?;
+        g.ns.ip_batch(&[
+            format!(
+                "addr add {}/{} dev {lan}",
+                topo::gateway(i),
+                topo::GW_NET_PREFIX
+            ),
+            format!("addr add {}/16 dev eth0", topo::gateway_pod(i)),
+            format!("link set {lan} up"),
+            "link set eth0 up".into(),
+            format!("route add default via {} dev eth0", topo::NODE_POD),
+        ])?;
+        let p = &f.provider;
+        p.ip_batch(&[
+            format!("link add {tun} mtu {mtu} type veth peer name {tunp} mtu {mtu}"),
+            format!("addr add {}/24 dev wan0", topo::gateway_public(i)),
+            "link set wan0 up".into(),
+            format!("link set {tunp} up"),
+            format!("route add {addr}/32 dev {tunp}"),
+            format!("route add default via {} dev wan0", topo::INTERNET_ECHO),
+        ])?;
+        p.sysctl("net.ipv4.ip_forward", "1")?;
+        p.sysctl(&format!("net.ipv4.conf.{tunp}.proxy_arp"), "1")?;
+        p.sysctl(&format!("net.ipv4.neigh.{tunp}.proxy_delay"), "0")?;
+        p.nft(&provider_nft(&tunp, addr))?;
+        Ok(())
+    }
+
     fn spawn_service(
         &self,
         ns: &Netns,
@@ -1111,7 +1449,7 @@ impl Lab {
         Ok(())
     }
 
-    fn start_services(&self) -> Result<(), LabError> {
+    fn start_services(&self, b: &LabBuilder, fixed_ports: &[u16]) -> Result<(), LabError> {
         let echo = SocketAddr::from((topo::INTERNET_ECHO, 80));
         self.spawn_service(
             &self.inet,
@@ -1161,8 +1499,18 @@ impl Lab {
             )?;
         }
         for g in &self.gateways {
-            g.set_state(&g.healthy_state)?;
+            g.set_state(&g.healthy_state())?;
+            g.start_pod(&self.dir, b.port_mappings.as_deref())?;
+            if let Some(f) = &g.faithful {
+                if !f.dynamic {
+                    provider_forward(&f.provider, &[], fixed_ports)?;
+                    *f.forwarded.lock().unwrap_or_else(|e| e.into_inner()) = fixed_ports.to_vec();
+                }
+            }
             g.start()?;
+            if g.faithful.as_ref().is_some_and(|f| f.dynamic) {
+                g.set_forwarded_ports(&[topo::gateway_forwarded_port(g.index)])?;
+            }
         }
         if self.dns {
             let conf = self.dir.join("named.conf");
@@ -1546,6 +1894,35 @@ pub const NODE_NFT: &str = r#"table ip lab {
   }
 }
 "#;
+
+/// The VPN provider of a gluetun gateway: what leaves the tunnel goes out of `wan0`
+/// masqueraded to the gateway's public IP (an `egress` counter of it, a `tunnel` chain that
+/// `set_tunnel_dead` fills), and the ports in the `forwarded` set come in to the tunnel
+/// address (tcp and udp, port unchanged) as a provider's port forwarding does.
+fn provider_nft(tunp: &str, tunnel_addr: Ipv4Addr) -> String {
+    format!(
+        r#"table ip lab {{
+  counter egress {{ }}
+  set forwarded {{ type inet_service; }}
+  chain tunnel {{
+  }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    jump tunnel
+    iifname "{tunp}" oifname "wan0" counter name "egress"
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority -100; policy accept;
+    iifname "wan0" meta l4proto {{ tcp, udp }} th dport @forwarded dnat to {tunnel_addr}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    oifname "wan0" masquerade
+  }}
+}}
+"#
+    )
+}
 
 fn gateway_nft(i: usize) -> String {
     gateway_nft_for(

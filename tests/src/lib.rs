@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod dns;
 pub mod gluetun;
+pub mod gluetun_pod;
 pub mod http;
 pub mod kube;
 pub mod lab;
@@ -22,4 +23,4 @@ pub mod servers;
 pub mod topo;
 
 pub use gluetun::{GatewayBreak, GluetunAuth, GluetunState};
-pub use lab::{Lab, LabBuilder, LabError, RouterLink};
+pub use lab::{GatewayKind, Lab, LabBuilder, LabError, PortForwarding, RouterLink};

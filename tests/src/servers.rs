@@ -108,7 +108,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, ServerError> {
         .map_err(ServerError::Runtime)
 }
 
-fn read_state(path: &Path) -> Result<GluetunState, String> {
+/// Reads a state file.
+pub fn read_state(path: &Path) -> Result<GluetunState, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }

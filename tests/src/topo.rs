@@ -59,7 +59,12 @@ pub fn gateway(i: usize) -> Ipv4Addr {
 pub fn gateway_public(i: usize) -> Ipv4Addr {
     add(Ipv4Addr::new(203, 0, 113, 10), i)
 }
-/// The port the VPN provider forwards to gateway i.
+/// Gateway i on the pod network (a gluetun pod's eth0).
+pub fn gateway_pod(i: usize) -> Ipv4Addr {
+    add(Ipv4Addr::new(10, 244, 3, 1), i)
+}
+/// The port a provider with dynamic port forwarding first hands out to gateway i (and the
+/// permissive gateway's forwarded port).
 pub fn gateway_forwarded_port(i: usize) -> u16 {
     40000u16.saturating_add(u16::try_from(i).unwrap_or(u16::MAX))
 }

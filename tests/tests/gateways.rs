@@ -85,7 +85,8 @@ fn lab() -> Lab {
     for (i, g) in lab.gateways().iter().enumerate() {
         // Client packets that reach the gateway, before anything the gateway does with them.
         g.ns.nft(&format!(
-            "table ip gwtest {{\n counter fromclient {{ }}\n chain pre {{\n  type filter hook prerouting priority -300; policy accept;\n  iifname \"gw0\" ip saddr {} ip daddr {} counter name \"fromclient\"\n }}\n}}\n",
+            "table ip gwtest {{\n counter fromclient {{ }}\n chain pre {{\n  type filter hook prerouting priority -300; policy accept;\n  iifname \"{}\" ip saddr {} ip daddr {} counter name \"fromclient\"\n }}\n}}\n",
+            g.lan_if(),
             topo::client(0),
             topo::INTERNET_ECHO
         ))

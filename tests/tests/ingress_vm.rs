@@ -20,6 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lab::config::RouterTuning;
+use lab::gluetun_pod::GatewayPodSpec;
 use lab::netns::Netns;
 use lab::{topo, Lab};
 
@@ -36,9 +37,24 @@ const BOUND: Duration = Duration::from_secs(30);
 /// The `hold` virtual server: a line service in every ingress pod (started by this test, no
 /// idle timeout) for connections held open across a change.
 const HOLD_PORT: u16 = 6667;
-/// Gateway i forwards this port to its ingress VIP's HOLD_PORT (a rule this test adds).
-fn hold_forwarded_port(i: usize) -> u16 {
-    40100 + i as u16
+/// The gateways also forward this VPN port, to their ingress VIP's HOLD_PORT: one more
+/// mapping in the example's PORT_MAPPINGS (the fixed-port kind of port forwarding).
+const HOLD_FORWARDED_PORT: u16 = 40100;
+
+/// The example gateways' PORT_MAPPINGS, with the hold mapping added.
+fn port_mappings() -> String {
+    let spec = GatewayPodSpec::load().unwrap();
+    let example = spec.init_env("PORT_MAPPINGS").unwrap_or_default();
+    format!("{example} {HOLD_FORWARDED_PORT}:{HOLD_PORT}")
+}
+
+/// The VPN port the example forwards to virtual server port-1 (the first of its mappings).
+fn forwarded_port() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(|| {
+        let m = port_mappings();
+        m.split(':').next().unwrap().trim().parse().unwrap()
+    })
 }
 const HOLD_VS: &str = "    - name: hold
       port: 6667
@@ -142,7 +158,7 @@ fn pod_addr(m: usize) -> String {
 /// A connection from the Internet host to gateway i's forwarded port, opened but with no
 /// request sent yet (the pod's HTTP server waits up to 10 s for it).
 fn open_held(inet: &Netns, i: usize) -> std::io::Result<TcpStream> {
-    let to = SocketAddr::from((topo::gateway_public(i), topo::gateway_forwarded_port(i)));
+    let to = SocketAddr::from((topo::gateway_public(i), forwarded_port()));
     inet.run_in(move || TcpStream::connect_timeout(&to, Duration::from_secs(3)))
         .map_err(std::io::Error::other)?
 }
@@ -420,7 +436,8 @@ fn distinct_internet_sources(lab: &Lab) {
 }
 
 /// A line service in every ingress pod on HOLD_PORT: answers each line with the pod's name.
-/// Runs on threads of this test process, on sockets bound inside the pods' namespaces.
+/// Runs on threads of this test process, on sockets bound inside the pods' namespaces. (The
+/// gateways forward HOLD_FORWARDED_PORT to it: `port_mappings()`.)
 fn start_hold_servers(lab: &Lab) {
     for p in lab.ingress_pods() {
         let l =
@@ -445,15 +462,6 @@ fn start_hold_servers(lab: &Lab) {
             }
         });
     }
-    for g in lab.gateways() {
-        let i = g.index;
-        g.ns.nft(&format!(
-            "add rule ip lab prerouting iifname \"wan0\" tcp dport {} dnat to {}:{HOLD_PORT}\n",
-            hold_forwarded_port(i),
-            topo::ingress_vip(i)
-        ))
-        .unwrap();
-    }
 }
 
 /// A connection from the Internet host through gateway i to the `hold` virtual server.
@@ -467,7 +475,7 @@ struct Held {
 
 impl Held {
     fn open(inet: &Netns, i: usize) -> Result<Held, String> {
-        let to = SocketAddr::from((topo::gateway_public(i), hold_forwarded_port(i)));
+        let to = SocketAddr::from((topo::gateway_public(i), HOLD_FORWARDED_PORT));
         let stream = inet
             .run_in(move || TcpStream::connect_timeout(&to, Duration::from_secs(5)))
             .map_err(|e| e.to_string())?
@@ -563,6 +571,7 @@ fn ingress_path_through_gateways_with_ipvs() {
     let router_bin = Path::new(LAB_BIN).with_file_name("vpn-router");
     let t_build = Instant::now();
     let lab = Lab::builder()
+        .port_mappings(port_mappings())
         .lab_bin(LAB_BIN)
         .router_bin(&router_bin)
         .gateways(GATEWAYS)
@@ -704,7 +713,7 @@ fn ingress_path_through_gateways_with_ipvs() {
 
     // UDP through every gateway too (the pods echo UDP on the same port).
     for i in 0..GATEWAYS {
-        let to = SocketAddr::from((topo::gateway_public(i), topo::gateway_forwarded_port(i)));
+        let to = SocketAddr::from((topo::gateway_public(i), forwarded_port()));
         let got = inet
             .run_in(move || -> Result<String, String> {
                 let s = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;

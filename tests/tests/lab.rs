@@ -200,8 +200,12 @@ fn gluetun_mock_answers_each_endpoint_and_break_mode() {
 
     assert_eq!(json("/v1/vpn/status")["status"], "running");
     assert_eq!(json("/v1/publicip/ip")["public_ip"], "203.0.113.10");
-    assert_eq!(json("/v1/portforward")["port"], 40000);
-    assert_eq!(json("/v1/openvpn/portforwarded")["port"], 40000);
+    // The example forwards fixed ports: gluetun's own port forwarding never ran.
+    assert_eq!(
+        json("/v1/portforward"),
+        serde_json::json!({ "port": 0, "ports": null })
+    );
+    assert_eq!(get("/v1/openvpn/portforwarded").status, 301);
     assert_eq!(g.control_get("/v1/vpn/status", &[]).unwrap().status, 401);
     assert_eq!(g.health_get().unwrap().status, 200);
 
@@ -334,7 +338,7 @@ fn hand_made_route_egress_ingress_and_leak_plumbing() {
     let url = format!(
         "http://{}:{}/whoami",
         topo::gateway_public(2),
-        topo::gateway_forwarded_port(2)
+        lab.gateway(2).forwarded_port().unwrap()
     );
     let r = lab.internet_http_get(&url, Duration::from_secs(2)).unwrap();
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();

@@ -121,15 +121,15 @@ impl Conn {
 
 /// From the Internet host: PER_GATEWAY connections to each gateway's forwarded port.
 fn connect_all(lab: &Lab) -> Vec<Conn> {
+    let ports: Vec<u16> = (0..GATEWAYS)
+        .map(|i| lab.gateway(i).forwarded_port().unwrap())
+        .collect();
     lab.internet()
         .run_in(|| {
             let mut out = Vec::new();
-            for i in 0..GATEWAYS {
+            for (i, port) in ports.iter().enumerate() {
                 for _ in 0..PER_GATEWAY {
-                    let to = SocketAddr::from((
-                        topo::gateway_public(i),
-                        topo::gateway_forwarded_port(i),
-                    ));
+                    let to = SocketAddr::from((topo::gateway_public(i), *port));
                     let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
                         .unwrap_or_else(|e| panic!("connect to {to} (gateway {i}): {e}"));
                     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
@@ -187,14 +187,14 @@ fn lab(mode: &str) -> Lab {
     lab
 }
 
-/// Opens the connections of `connect_all`, echoes once on each while every gateway's `gw0`
+/// Opens the connections of `connect_all`, echoes once on each while every gateway's `lan_if`
 /// is captured, and returns how many were answered, the connections, and per gateway
 /// (index, replies seen on its wire, of which from its own ingress VIP).
 fn echo_through_every_gateway(lab: &Lab) -> (usize, Vec<Conn>, Vec<(usize, usize, usize)>) {
     let captures: Vec<_> = lab
         .gateways()
         .iter()
-        .map(|g| lab.capture(&g.ns, "gw0", "tcp src port 6666").unwrap())
+        .map(|g| lab.capture(&g.ns, g.lan_if(), "tcp src port 6666").unwrap())
         .collect();
     let mut conns = connect_all(lab);
     let answered = conns
@@ -312,6 +312,23 @@ fn forwarded_replies_keep_their_gateway_in_consistent_mode() {
             topo::INGRESS_PORT,
             topo::INGRESS_PORT
         ))
+        .unwrap();
+    // The NAT stands in for IPVS (not in this kernel). IPVS routes what it sends to a real
+    // server with an output lookup without the packet's mark (ip_vs_xmit.c zeroes its flowi4):
+    // the main table. The forwarded, DNATed packet would instead be routed by the gateway
+    // mark the router gives the connection, back to the gateway.
+    lab.router(0)
+        .ns
+        .ip(&[
+            "rule",
+            "add",
+            "to",
+            &format!("{pod}/32"),
+            "lookup",
+            "main",
+            "priority",
+            "900",
+        ])
         .unwrap();
     start_service(&lab.client(0).ns);
     // The router's NAT has put the VIP back as the source: a reply on gateway i's wire from

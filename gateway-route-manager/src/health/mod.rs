@@ -168,7 +168,11 @@ pub struct GatewayStatus {
     pub consecutive_successes: u32,
     pub consecutive_failures: u32,
     pub public_ip: Option<IpAddr>,
+    /// The ports gluetun's port forwarding got (`/v1/portforward`), as last read.
     pub forwarded_ports: Vec<u16>,
+    /// Why the last `/v1/portforward` answer was ignored (`forwarded_ports` is then the last
+    /// good answer); None once an answer is good again.
+    pub forwarded_ports_error: Option<String>,
     pub probe_rtt_seconds: Option<f64>,
 }
 
@@ -178,7 +182,8 @@ struct RoundResult {
     index: usize,
     failure: Option<CheckError>,
     public_ip: Option<IpAddr>,
-    forwarded_ports: Option<Vec<u16>>,
+    /// None: not read this round (a check failed, or not asked for).
+    forwarded_ports: Option<Result<Vec<u16>, String>>,
     probe_rtt: Option<Duration>,
 }
 
@@ -342,7 +347,9 @@ impl HealthChecker {
         if let Some(rtt) = result.probe_rtt {
             self.metrics
                 .probe_rtt
-                .get_or_create(&GatewayLabels { gateway })
+                .get_or_create(&GatewayLabels {
+                    gateway: gateway.clone(),
+                })
                 .set(rtt.as_secs_f64());
         }
 
@@ -370,8 +377,25 @@ impl HealthChecker {
                 ) {
                     s.public_ip = None;
                 }
-                if let Some(ports) = &result.forwarded_ports {
-                    s.forwarded_ports.clone_from(ports);
+                match &result.forwarded_ports {
+                    Some(Ok(ports)) => {
+                        if *ports != s.forwarded_ports {
+                            tracing::info!(gateway = %address, from = ?s.forwarded_ports, to = ?ports, "forwarded ports changed");
+                            self.metrics.set_forwarded_ports(&gateway, &s.forwarded_ports, ports);
+                            s.forwarded_ports.clone_from(ports);
+                        }
+                        if s.forwarded_ports_error.take().is_some() {
+                            tracing::info!(gateway = %address, "the gateway's forwarded ports answer is good again");
+                        }
+                    }
+                    Some(Err(e)) => {
+                        self.metrics.count_forwarded_ports_error(&gateway);
+                        if s.forwarded_ports_error.as_deref() != Some(e.as_str()) {
+                            tracing::warn!(gateway = %address, error = %e, kept = ?s.forwarded_ports, "ignoring the gateway's forwarded ports answer; keeping the last good one");
+                            s.forwarded_ports_error = Some(e.clone());
+                        }
+                    }
+                    None => {}
                 }
                 if let Some(rtt) = result.probe_rtt {
                     s.probe_rtt_seconds = Some(rtt.as_secs_f64());
@@ -428,6 +452,7 @@ fn initial_status(gateways: &[Ipv4Addr]) -> Vec<GatewayStatus> {
             consecutive_failures: 0,
             public_ip: None,
             forwarded_ports: Vec::new(),
+            forwarded_ports_error: None,
             probe_rtt_seconds: None,
         })
         .collect()
@@ -576,13 +601,12 @@ async fn check_round(
     }
     let failure = failures.into_iter().next();
     let forwarded_ports = if failure.is_none() && settings.fetch_forwarded_ports {
-        match client.forwarded_ports(gateway).await {
-            Ok(ports) => Some(ports),
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read forwarded ports");
-                None
-            }
-        }
+        Some(
+            client
+                .forwarded_ports(gateway)
+                .await
+                .map_err(|e| e.to_string()),
+        )
     } else {
         None
     };
@@ -609,6 +633,67 @@ mod tests {
         assert_eq!(
             HealthChecker::new(settings, Metrics::new()).err(),
             Some(HealthSettingsError::ProbeWithoutTarget)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_forwarded_ports_answer_keeps_the_last_good_one() {
+        let gw = Ipv4Addr::new(192, 168, 25, 128);
+        let settings = HealthSettings {
+            gateways: vec![gw],
+            checks: vec![CheckKind::VpnStatus],
+            rise: 1,
+            fall: 1,
+            ..Default::default()
+        };
+        let metrics = Metrics::new();
+        let (checker, healthy) = HealthChecker::new(settings, metrics.clone()).unwrap();
+        let status = checker.status();
+        let mut machines = vec![Hysteresis::new(1, 1)];
+        let round = |ports: Result<Vec<u16>, String>| RoundResult {
+            index: 0,
+            failure: None,
+            public_ip: None,
+            forwarded_ports: Some(ports),
+            probe_rtt: None,
+        };
+        let port_series = |m: &Metrics| {
+            let mut r = prometheus_client::registry::Registry::default();
+            m.register(&mut r);
+            let mut t = String::new();
+            prometheus_client::encoding::text::encode(&mut t, &r).unwrap();
+            t.lines()
+                .filter(|l| l.starts_with("vpn_router_gateway_forwarded_port{"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        checker.apply(&mut machines, round(Ok(vec![40000])));
+        assert_eq!(status.borrow()[0].forwarded_ports, [40000]);
+        assert_eq!(
+            port_series(&metrics),
+            ["vpn_router_gateway_forwarded_port{gateway=\"192.168.25.128\",port=\"40000\"} 1"]
+        );
+        checker.apply(&mut machines, round(Err("bad JSON".into())));
+        checker.apply(&mut machines, round(Err("bad JSON".into())));
+        let s = status.borrow()[0].clone();
+        assert_eq!(s.forwarded_ports, [40000], "the last good answer stays");
+        assert_eq!(s.forwarded_ports_error.as_deref(), Some("bad JSON"));
+        assert_eq!(s.state, GatewayState::Healthy, "nothing else changes");
+        assert!(healthy.borrow().gateways.contains_key(&0));
+        let errors = metrics
+            .forwarded_ports_errors
+            .get_or_create(&GatewayLabels {
+                gateway: gw.to_string(),
+            })
+            .get();
+        assert_eq!(errors, 2);
+        checker.apply(&mut machines, round(Ok(vec![41000])));
+        let s = status.borrow()[0].clone();
+        assert_eq!(s.forwarded_ports, [41000]);
+        assert_eq!(s.forwarded_ports_error, None);
+        assert_eq!(
+            port_series(&metrics),
+            ["vpn_router_gateway_forwarded_port{gateway=\"192.168.25.128\",port=\"41000\"} 1"]
         );
     }
 
