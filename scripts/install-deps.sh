@@ -7,6 +7,8 @@ set -euo pipefail
 declare -A NEED=(
   [ip]=iproute2
   [nft]=nftables
+  # the lab's gateways run gluetun's firewall (iptables, nft backend) and the example's scripts
+  [iptables]=iptables
   [keepalived]=keepalived
   [named]=bind9
   [tsig-keygen]=bind9-utils

@@ -1032,6 +1032,101 @@ impl PodRun {
     }
 }
 
+/// The provider's name for its end of the tunnel.
+pub fn provider_if(tun: &str) -> String {
+    format!("{tun}p")
+}
+
+/// The VPN provider of a gluetun pod, in `provider` (whose `wan0` is already on the
+/// Internet): the public address and default route, the tunnel's veth pair (its near end
+/// waits here until `PodRun::start` moves it into the pod), proxy ARP on the far end (the
+/// pod routes everything `dev tun0`, without a next hop, as over WireGuard), the route to the
+/// tunnel address, and nft: masquerade out of `wan0`, an `egress` counter, a `tunnel` chain
+/// (the lab fills it to kill the tunnel) and the `forwarded` port set (`provider_forward`).
+pub fn wire_provider(
+    provider: &Netns,
+    spec: &GatewayPodSpec,
+    public: Ipv4Addr,
+    prefix_len: u8,
+    internet_gateway: Ipv4Addr,
+) -> Result<(), String> {
+    let tun = spec.env("VPN_INTERFACE").to_owned();
+    let tunp = provider_if(&tun);
+    let mtu = spec.env("WIREGUARD_MTU").to_owned();
+    let addr = tunnel_address(spec).map_err(|e| e.to_string())?;
+    let e = |e: NetnsError| e.to_string();
+    provider
+        .ip_batch(&[
+            format!("link add {tun} mtu {mtu} type veth peer name {tunp} mtu {mtu}"),
+            format!("addr add {public}/{prefix_len} dev wan0"),
+            "link set wan0 up".into(),
+            format!("link set {tunp} up"),
+            format!("route add {addr}/32 dev {tunp}"),
+            format!("route add default via {internet_gateway} dev wan0"),
+        ])
+        .map_err(e)?;
+    provider.sysctl("net.ipv4.ip_forward", "1").map_err(e)?;
+    provider
+        .sysctl(&format!("net.ipv4.conf.{tunp}.proxy_arp"), "1")
+        .map_err(e)?;
+    provider
+        .sysctl(&format!("net.ipv4.neigh.{tunp}.proxy_delay"), "0")
+        .map_err(e)?;
+    provider.nft(&provider_nft(&tunp, addr)).map_err(e)
+}
+
+/// The VPN provider of a gluetun gateway: what leaves the tunnel goes out of `wan0`
+/// masqueraded to the gateway's public IP (an `egress` counter of it, a `tunnel` chain that
+/// `set_tunnel_dead` fills), and the ports in the `forwarded` set come in to the tunnel
+/// address (tcp and udp, port unchanged) as a provider's port forwarding does.
+pub fn provider_nft(tunp: &str, tunnel_addr: Ipv4Addr) -> String {
+    format!(
+        r#"table ip lab {{
+  counter egress {{ }}
+  set forwarded {{ type inet_service; }}
+  chain tunnel {{
+  }}
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    jump tunnel
+    iifname "{tunp}" oifname "wan0" counter name "egress"
+  }}
+  chain prerouting {{
+    type nat hook prerouting priority -100; policy accept;
+    iifname "wan0" meta l4proto {{ tcp, udp }} th dport @forwarded dnat to {tunnel_addr}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    oifname "wan0" masquerade
+  }}
+}}
+"#
+    )
+}
+
+/// The provider forwards `new` (tcp and udp) to the tunnel address instead of `old`.
+pub fn provider_forward(provider: &Netns, old: &[u16], new: &[u16]) -> Result<(), NetnsError> {
+    let mut cmds = String::new();
+    if !old.is_empty() {
+        let list: Vec<String> = old.iter().map(u16::to_string).collect();
+        cmds.push_str(&format!(
+            "delete element ip lab forwarded {{ {} }}\n",
+            list.join(", ")
+        ));
+    }
+    if !new.is_empty() {
+        let list: Vec<String> = new.iter().map(u16::to_string).collect();
+        cmds.push_str(&format!(
+            "add element ip lab forwarded {{ {} }}\n",
+            list.join(", ")
+        ));
+    }
+    if !cmds.is_empty() {
+        provider.nft(&cmds)?;
+    }
+    Ok(())
+}
+
 /// Where the lab keeps a gateway pod's volumes.
 pub fn volumes_dir(lab_dir: &Path, gateway: usize) -> PathBuf {
     lab_dir.join(format!("gw{gateway}-pod"))

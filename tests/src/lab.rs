@@ -153,6 +153,9 @@ pub fn check_prerequisites(dns: bool) -> Result<(), LabError> {
         ("ip", "iproute2"),
         ("nft", "nftables"),
         ("ping", "iputils-ping"),
+        // the gateways: gluetun's firewall and the example's scripts
+        ("iptables", "iptables"),
+        ("ip6tables", "iptables"),
     ];
     if dns {
         tools.push(("named", "bind9"));
@@ -654,11 +657,6 @@ struct Faithful {
     forwarded: Mutex<Vec<u16>>,
 }
 
-/// The provider's name for its end of the tunnel.
-fn provider_if(tun: &str) -> String {
-    format!("{tun}p")
-}
-
 impl GatewayNode {
     pub fn address(&self) -> Ipv4Addr {
         topo::gateway(self.index)
@@ -808,7 +806,7 @@ impl GatewayNode {
         let pod = pod
             .as_mut()
             .ok_or_else(|| LabError::GatewayPod("the gateway pod has not started".into()))?;
-        provider_forward(&f.provider, &old, ports)?;
+        gluetun_pod::provider_forward(&f.provider, &old, ports)?;
         pod.forward_ports(&self.ns, &old, ports)
             .map_err(LabError::GatewayPod)?;
         *f.forwarded.lock().unwrap_or_else(|e| e.into_inner()) = ports.to_vec();
@@ -904,29 +902,6 @@ impl GatewayNode {
         *f.pod.lock().unwrap_or_else(|e| e.into_inner()) = Some(pod);
         Ok(())
     }
-}
-
-/// The provider forwards `new` (tcp and udp) to the tunnel address instead of `old`.
-fn provider_forward(provider: &Netns, old: &[u16], new: &[u16]) -> Result<(), LabError> {
-    let mut cmds = String::new();
-    if !old.is_empty() {
-        let list: Vec<String> = old.iter().map(u16::to_string).collect();
-        cmds.push_str(&format!(
-            "delete element ip lab forwarded {{ {} }}\n",
-            list.join(", ")
-        ));
-    }
-    if !new.is_empty() {
-        let list: Vec<String> = new.iter().map(u16::to_string).collect();
-        cmds.push_str(&format!(
-            "add element ip lab forwarded {{ {} }}\n",
-            list.join(", ")
-        ));
-    }
-    if !cmds.is_empty() {
-        provider.nft(&cmds)?;
-    }
-    Ok(())
 }
 
 /// The VPN ports of "vpn:virtual-server" pairs.
@@ -1402,11 +1377,6 @@ impl Lab {
     fn wire_gluetun_gateway(&self, g: &GatewayNode, f: &Faithful) -> Result<(), LabError> {
         let i = g.index;
         let lan = g.lan_if();
-        let tun = f.spec.env("VPN_INTERFACE").to_owned();
-        let tunp = provider_if(&tun);
-        let mtu = f.spec.env("WIREGUARD_MTU").to_owned();
-        let addr = gluetun_pod::tunnel_address(&f.spec)
-            .map_err(|e| LabError::GatewayPod(e.to_string()))?;
         g.ns.ip_batch(&[
             format!(
                 "addr add {}/{} dev {lan}",
@@ -1418,19 +1388,14 @@ impl Lab {
             "link set eth0 up".into(),
             format!("route add default via {} dev eth0", topo::NODE_POD),
         ])?;
-        let p = &f.provider;
-        p.ip_batch(&[
-            format!("link add {tun} mtu {mtu} type veth peer name {tunp} mtu {mtu}"),
-            format!("addr add {}/24 dev wan0", topo::gateway_public(i)),
-            "link set wan0 up".into(),
-            format!("link set {tunp} up"),
-            format!("route add {addr}/32 dev {tunp}"),
-            format!("route add default via {} dev wan0", topo::INTERNET_ECHO),
-        ])?;
-        p.sysctl("net.ipv4.ip_forward", "1")?;
-        p.sysctl(&format!("net.ipv4.conf.{tunp}.proxy_arp"), "1")?;
-        p.sysctl(&format!("net.ipv4.neigh.{tunp}.proxy_delay"), "0")?;
-        p.nft(&provider_nft(&tunp, addr))?;
+        gluetun_pod::wire_provider(
+            &f.provider,
+            &f.spec,
+            topo::gateway_public(i),
+            24,
+            topo::INTERNET_ECHO,
+        )
+        .map_err(LabError::GatewayPod)?;
         Ok(())
     }
 
@@ -1503,7 +1468,7 @@ impl Lab {
             g.start_pod(&self.dir, b.port_mappings.as_deref())?;
             if let Some(f) = &g.faithful {
                 if !f.dynamic {
-                    provider_forward(&f.provider, &[], fixed_ports)?;
+                    gluetun_pod::provider_forward(&f.provider, &[], fixed_ports)?;
                     *f.forwarded.lock().unwrap_or_else(|e| e.into_inner()) = fixed_ports.to_vec();
                 }
             }
@@ -1894,35 +1859,6 @@ pub const NODE_NFT: &str = r#"table ip lab {
   }
 }
 "#;
-
-/// The VPN provider of a gluetun gateway: what leaves the tunnel goes out of `wan0`
-/// masqueraded to the gateway's public IP (an `egress` counter of it, a `tunnel` chain that
-/// `set_tunnel_dead` fills), and the ports in the `forwarded` set come in to the tunnel
-/// address (tcp and udp, port unchanged) as a provider's port forwarding does.
-fn provider_nft(tunp: &str, tunnel_addr: Ipv4Addr) -> String {
-    format!(
-        r#"table ip lab {{
-  counter egress {{ }}
-  set forwarded {{ type inet_service; }}
-  chain tunnel {{
-  }}
-  chain forward {{
-    type filter hook forward priority 0; policy accept;
-    jump tunnel
-    iifname "{tunp}" oifname "wan0" counter name "egress"
-  }}
-  chain prerouting {{
-    type nat hook prerouting priority -100; policy accept;
-    iifname "wan0" meta l4proto {{ tcp, udp }} th dport @forwarded dnat to {tunnel_addr}
-  }}
-  chain postrouting {{
-    type nat hook postrouting priority 100; policy accept;
-    oifname "wan0" masquerade
-  }}
-}}
-"#
-    )
-}
 
 fn gateway_nft(i: usize) -> String {
     gateway_nft_for(

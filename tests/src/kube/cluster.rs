@@ -1,7 +1,8 @@
 //! A one-node "cluster" for the shipped manifests: the bridges their NADs name, a node (the
 //! pods' primary network, the kubelet's prober, the intranet and its DNS server for DDNS), an
-//! "Internet" holding the addresses the shipped config talks to, gateway pods (the lab's
-//! gluetun-compatible control server behind the address whereabouts gives them), router pods
+//! "Internet" holding the addresses the shipped config talks to, gateway pods (the example's
+//! gluetun pod behind gluetun's firewall, with the lab's gluetun-compatible control server
+//! behind the address whereabouts gives them), router pods
 //! run by podman from the built image as [`super::pod`] translates the Deployment, and client
 //! pods attached as the example client's annotation says.
 //!
@@ -29,6 +30,7 @@ use super::pod::{self, PodContext, PodPlan};
 use super::KubeError;
 use crate::dns;
 use crate::gluetun::{GluetunAuth, GluetunState};
+use crate::gluetun_pod::{self, GatewayPodSpec, PodRun, Tunnel};
 use crate::http;
 use crate::lab::{self, find_binary, which};
 use crate::netns::{self, Netns, LAB_ROOT};
@@ -457,8 +459,10 @@ impl Cluster {
     }
 
     /// The example gateways' pods: as many as the StatefulSet's replicas, attached as its
-    /// annotation says, each with a tunnel (`wan0`) to the Internet and the lab's gluetun
-    /// control server answering with the router's API key.
+    /// annotation says, on the pod network, each run as the shipped gluetun pod behind
+    /// gluetun's firewall (tests/src/gluetun_pod.rs) with a tunnel to its own provider
+    /// namespace on the Internet, and the lab's gluetun control server answering with the
+    /// router's API key.
     fn start_gateways(&mut self) -> Result<(), KubeError> {
         let sts =
             manifests::find(&self.objects, "StatefulSet", "vpn-gateway", "vpn-gateway")?.clone();
@@ -472,9 +476,28 @@ impl Cluster {
             .ok_or_else(|| KubeError::Unsupported {
                 what: "gateways.addresses as a range".into(),
             })?;
+        let spec = GatewayPodSpec::from_objects(&self.objects)?;
+        let fixed: Vec<u16> = spec
+            .init_env("PORT_MAPPINGS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|m| m.split(':').next()?.parse().ok())
+            .collect();
+        let fix = |a: &str| {
+            if a.starts_with(':') {
+                format!("0.0.0.0{a}")
+            } else {
+                a.to_owned()
+            }
+        };
+        let (control, health) = (
+            fix(spec.env("HTTP_CONTROL_SERVER_ADDRESS")),
+            fix(spec.env("HEALTH_SERVER_ADDRESS")),
+        );
         for r in 0..replicas {
-            let sb = self.sandbox(&sts, &format!("gw{r}"), None)?;
-            let (att, addr) =
+            let pod_ip = Ipv4Addr::new(10, 42, 3, u8::try_from(10 + r).unwrap_or(250));
+            let sb = self.sandbox(&sts, &format!("gw{r}"), Some(pod_ip))?;
+            let (_, addr) =
                 sb.attachments
                     .first()
                     .cloned()
@@ -485,22 +508,31 @@ impl Cluster {
                 usize::try_from(u32::from(addr).saturating_sub(u32::from(first))).unwrap_or(0);
             let public_ip =
                 Ipv4Addr::from(u32::from(INET_HOST) + 9 + u32::try_from(index).unwrap_or(0));
+            let provider = Netns::create(&format!("{}-vpn{r}", self.prefix))?;
             let port = format!("{}-wan", short(&sb.name));
             self.switch.ip_batch(&[
                 format!(
                     "link add {port} type veth peer name wan0 netns {}",
-                    sb.ns.name()
+                    provider.name()
                 ),
                 format!("link set {port} master inet up"),
             ])?;
-            sb.ns.ip_batch(&[
-                format!("addr add {public_ip}/24 dev wan0"),
-                "link set wan0 up".into(),
-                format!("route add default via {INET_HOST} dev wan0"),
-            ])?;
-            sb.ns.sysctl("net.ipv4.ip_forward", "1")?;
-            sb.ns
-                .nft(&lab::gateway_nft_for(&att.interface, "wan0", None))?;
+            gluetun_pod::wire_provider(&provider, &spec, public_ip, 24, INET_HOST)
+                .map_err(|e| KubeError::Prerequisite(format!("gateway {r}'s provider: {e}")))?;
+            gluetun_pod::provider_forward(&provider, &[], &fixed)?;
+            let pod = PodRun::start(
+                spec.clone(),
+                &sb.ns,
+                &Tunnel {
+                    provider: provider.clone(),
+                    endpoint: (public_ip, 51820),
+                },
+                &self.dir.join(format!("gw{r}-pod")),
+                &[],
+            )
+            .map_err(KubeError::Prerequisite)?;
+            std::fs::write(self.dir.join(format!("gw{r}-pod.log")), pod.log.join("\n"))
+                .map_err(io("write a gateway pod's log"))?;
             let state = self.dir.join(format!("gw{index}.state.json"));
             write_state(
                 &state,
@@ -517,9 +549,9 @@ impl Cluster {
                 &[
                     "gluetun".into(),
                     "--listen".into(),
-                    "0.0.0.0:8000".into(),
+                    control.clone(),
                     "--health-listen".into(),
-                    "0.0.0.0:9999".into(),
+                    health.clone(),
                     "--state-file".into(),
                     state.display().to_string(),
                 ],
@@ -537,7 +569,7 @@ impl Cluster {
             });
         }
         self.deviations.push(format!(
-            "gateways: {replicas} pods of StatefulSet vpn-gateway with its attachments, running the lab's gluetun-compatible control server (API key from Secret vpn-router-secrets) and forwarding everything; no gluetun firewall, no tunnel device (the faithful gateway is issue 17)"
+            "gateways: {replicas} pods of StatefulSet vpn-gateway with its attachments and a pod-network address, running its init container, postStart hook, gluetun's firewall and routing with its post-rules (tests/src/gluetun_pod.rs), a veth `tun0` to a provider namespace instead of WireGuard, and the lab's gluetun-compatible control server (API key from Secret vpn-router-secrets) instead of gluetun"
         ));
         Ok(())
     }
