@@ -895,6 +895,13 @@ def check_router(objs, nads, out_dir):
                 if (o.doc.get("spec") or {}).get("replicas", 1) > len(addrs):
                     err(o.where(), f"more replicas than gateways.addresses ({len(addrs)})")
             for c in containers(o, init=False):
+                if "gluetun" in str(c.get("image", "")):
+                    # the routers clamp MSS to their tunnel_mtu: larger than the gateways'
+                    # tunnel and full-size segments depend on PMTU discovery again
+                    tunnel = {**GLUETUN_DEFAULTS, **container_env(c)}["WIREGUARD_MTU"]
+                    mtu = gw.get("tunnel_mtu", 1320)
+                    if gw.get("clamp_mss", True) and tunnel.isdigit() and int(tunnel) and mtu > int(tunnel):
+                        err(where, f"gateways.tunnel_mtu {mtu} is larger than the gateways' WIREGUARD_MTU {tunnel} ({o.name}): the routers' MSS clamp lets through segments the tunnel cannot carry")
                 fwd = container_env(c).get("FORWARD_TO_PORT")
                 if fwd is not None and (not fwd.isdigit() or int(fwd) not in vs_ports):
                     err(o.where(), f"{c['name']}: FORWARD_TO_PORT {fwd} is no virtual server port on the ingress VIPs {sorted(p for p in vs_ports if p)}")
@@ -1096,6 +1103,7 @@ def check_gateway_pods(objs):
             continue
         known = set(attachments) | {env["VPN_INTERFACE"], "eth0", "lo"}
         forward = 0
+        mss_lines = 0
         for n, line in enumerate(text.split("\n"), 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
@@ -1111,8 +1119,17 @@ def check_gateway_pods(objs):
                         err(o.where(), f"post-rules.txt line {n}: interface {words[i + 1]} is none of the pod's ({', '.join(sorted(known))})")
             if "FORWARD" in words and "ACCEPT" in words:
                 forward += 1
+            if "TCPMSS" in words:
+                mss_lines += 1
+                mtu = env["WIREGUARD_MTU"]
+                if "--set-mss" in words[:-1] and mtu.isdigit() and int(mtu):
+                    mss = words[words.index("--set-mss") + 1]
+                    if not mss.isdigit() or int(mss) + 40 > int(mtu):
+                        err(o.where(), f"post-rules.txt line {n}: --set-mss {mss} does not fit the tunnel: WIREGUARD_MTU {mtu} carries an MSS of at most {int(mtu) - 40}")
         if forward == 0:
             err(o.where(), "post-rules.txt accepts nothing in FORWARD: gluetun's policy drops every client packet")
+        if mss_lines == 0:
+            err(o.where(), f"post-rules.txt clamps no TCP MSS: the SYN-ACKs that servers send clients through {env['VPN_INTERFACE']} promise segments larger than the tunnel carries back (the routers never see them)")
 
 
 def main():

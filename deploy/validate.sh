@@ -236,6 +236,9 @@ mutate examples/gateways/gateway-setup.yaml 's/^    iptables -t nat -A POSTROUTI
 mutate examples/gateways/gateway-setup.yaml '/^    iptables -A FORWARD/d' "accepts nothing in FORWARD"
 mutate examples/gateways/gluetun-statefulset.yaml '/name: net.ipv4.ip_forward$/{n;s/value: "1"/value: "0"/}' "gluetun never sets net.ipv4.ip_forward"
 mutate examples/gateways/gluetun-statefulset.yaml 's/value: "6666"$/value: "6667"/' "FORWARD_TO_PORT 6667 is no virtual server port"
+mutate examples/gateways/gateway-setup.yaml '/-j TCPMSS/d' "post-rules.txt clamps no TCP MSS"
+mutate examples/gateways/gateway-setup.yaml 's/--set-mss 1280$/--set-mss 1300/' "--set-mss 1300 does not fit the tunnel: WIREGUARD_MTU 1320"
+mutate base/router-config.yaml 's/^      tunnel_mtu: 1320 /      tunnel_mtu: 1420 /' "gateways.tunnel_mtu 1420 is larger than the gateways' WIREGUARD_MTU 1320"
 # the client attachments' routes are exactly `vpn-router nad-routes` for the config's exclusions
 # (the backquotes are text in the expected message, not for this shell)
 # shellcheck disable=SC2016

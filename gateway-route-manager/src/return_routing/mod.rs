@@ -16,8 +16,8 @@ mod plan;
 
 pub use nft::{NftChange, NftError};
 pub use plan::{
-    bucket_table, nft_model, ownership, plan_routes, ConsistentSettings, EgressNft, NftModel,
-    ReturnRoutingSettings, ReturnRoutingSettingsError,
+    bucket_table, nft_model, ownership, plan_routes, ConsistentSettings, EgressNft, MssClamp,
+    NftModel, ReturnRoutingSettings, ReturnRoutingSettingsError,
 };
 
 use std::net::Ipv4Addr;
@@ -147,6 +147,10 @@ pub struct ReturnRoutingStatus {
     /// Consistent mode: bucket count and hash seed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub consistent: Option<ConsistentStatus>,
+    /// `gateways.clamp_mss`: the MSS that SYNs through the gateways are clamped to (in the
+    /// nft table; `nft_in_force` says whether the kernel has it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_mss_clamp: Option<u16>,
     pub last_error: Option<String>,
 }
 
@@ -439,6 +443,7 @@ impl ReturnRoutingManager {
             nft_in_force: nft_ok,
             gateways,
             consistent,
+            tcp_mss_clamp: s.mss_clamp,
             last_error: error,
         });
     }

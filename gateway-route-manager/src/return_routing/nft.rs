@@ -25,6 +25,15 @@
 //!   ct state new meta mark MB-MB+255 ct mark set meta mark   # probes: the gateway in conntrack
 //!   ct mark MB-MB+255 meta mark set ct mark }         # local replies are re-routed
 //! ```
+//! With `gateways.clamp_mss` (`M` = `tunnel_mtu - 40`), three more rules, each
+//! `tcp flags syn / syn,rst tcp option maxseg size > M tcp option maxseg size set M`, in
+//! ```text
+//! chain forward { type filter hook forward priority mangle; ...  oifname IF ...    # egress, IPVS answers
+//! chain input { type filter hook input priority mangle; ...  ct mark MB-MB+255 ... # ingress SYNs (before IPVS)
+//! chain output: ct mark MB-MB+255 ...                       # the router's own SYN-ACKs and probes
+//! ```
+//! The kernel's exthdr write only ever lowers an MSS; the `> M` match says so in the rule.
+//!
 //! The first output rule puts a probe's gateway (its socket's `SO_MARK`) into the connection's
 //! ct mark. Packets the kernel sends for that connection without the socket — the bare RST it
 //! answers a late segment with once the socket is gone — carry no mark of their own; with the
@@ -50,11 +59,13 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 
-use super::plan::{EgressNft, NftModel};
+use super::plan::{EgressNft, MssClamp, NftModel};
 
 const FAMILY: &str = "ip";
 const PRE: &str = "prerouting";
 const OUT: &str = "output";
+const FWD: &str = "forward";
+const IN: &str = "input";
 /// `priority mangle`.
 const MANGLE: i32 = -150;
 const BUCKETS: &str = "buckets";
@@ -206,6 +217,15 @@ pub fn render(model: &NftModel) -> Vec<Value> {
         "hook": "output", "prio": MANGLE, "policy": "accept" } }),
     );
 
+    if model.mss_clamp.is_some() {
+        for (name, hook) in [(FWD, "forward"), (IN, "input")] {
+            out.push(
+                json!({ "chain": { "family": FAMILY, "table": t, "name": name,
+                "type": "filter", "hook": hook, "prio": MANGLE, "policy": "accept" } }),
+            );
+        }
+    }
+
     let (lo, hi) = model.mark_range;
     let rule = |chain: &str, expr: Vec<Value>| json!({ "rule": { "family": FAMILY, "table": t, "chain": chain, "expr": expr } });
     out.push(rule(
@@ -259,7 +279,31 @@ pub fn render(model: &NftModel) -> Vec<Value> {
             mangle(meta("mark"), ct("mark")),
         ],
     ));
+    if let Some(m) = &model.mss_clamp {
+        let by_interface = match_eq(meta("oifname"), json!(m.interface));
+        out.push(rule(FWD, clamp_rule(by_interface, m)));
+        out.push(rule(IN, clamp_rule(match_eq(ct("mark"), range(lo, hi)), m)));
+        out.push(rule(
+            OUT,
+            clamp_rule(match_eq(ct("mark"), range(lo, hi)), m),
+        ));
+    }
     out
+}
+
+/// `<which> tcp flags syn / syn,rst tcp option maxseg size > M tcp option maxseg size set M`:
+/// SYN and SYN-ACK, never a segment with RST.
+fn clamp_rule(which: Value, m: &MssClamp) -> Vec<Value> {
+    let maxseg = || json!({ "tcp option": { "name": "maxseg", "field": "size" } });
+    vec![
+        which,
+        match_eq(
+            json!({ "&": [payload("tcp", "flags"), ["syn", "rst"]] }),
+            json!("syn"),
+        ),
+        match_op(">", maxseg(), json!(m.mss)),
+        mangle(maxseg(), json!(m.mss)),
+    ]
 }
 
 fn egress_rule(e: &EgressNft, l4_op: &str, concat: Vec<Value>) -> Vec<Value> {
@@ -656,6 +700,10 @@ mod tests {
                 scratch_base: 0x1a00,
                 buckets,
             }),
+            mss_clamp: Some(MssClamp {
+                interface: "gw0".into(),
+                mss: 1280,
+            }),
         }
     }
 
@@ -666,7 +714,35 @@ mod tests {
         assert!(v.exists);
         assert_eq!(compare(&v, &v, false), NftChange::None);
         assert_eq!(v.rules["prerouting"].len(), 5);
-        assert_eq!(v.rules["output"].len(), 2);
+        assert_eq!(v.rules["output"].len(), 3);
+        assert_eq!(v.rules["forward"].len(), 1);
+        assert_eq!(v.rules["input"].len(), 1);
+    }
+
+    #[test]
+    fn mss_clamping_is_three_rules_or_nothing() {
+        let mut m = model(None);
+        let on = view(&render(&m));
+        let fwd = serde_json::to_string(&on.rules["forward"]).unwrap();
+        assert!(
+            fwd.contains(
+                r#"{"match":{"left":{"meta":{"key":"oifname"}},"op":"==","right":"gw0"}}"#
+            ),
+            "{fwd}"
+        );
+        assert!(fwd.contains(r#"{"match":{"left":{"tcp option":{"field":"size","name":"maxseg"}},"op":">","right":1280}}"#), "{fwd}");
+        assert!(
+            fwd.contains(
+                r#"{"mangle":{"key":{"tcp option":{"field":"size","name":"maxseg"}},"value":1280}}"#
+            ),
+            "{fwd}"
+        );
+        m.mss_clamp = None;
+        let off = view(&render(&m));
+        assert!(!off.chains.contains_key("forward") && !off.chains.contains_key("input"));
+        assert_eq!(off.rules["output"].len(), 2);
+        // Turning it off (or changing the MSS) is a rebuild, which drops the chains too.
+        assert_eq!(compare(&off, &on, false), NftChange::Full);
     }
 
     /// Where /etc/protocols is missing (a minimal container image), nft lists protocol

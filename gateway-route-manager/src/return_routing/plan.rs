@@ -45,6 +45,9 @@ pub struct ReturnRoutingSettings {
     pub nft_table: String,
     /// `Some` in `egress.mode: consistent`.
     pub consistent: Option<ConsistentSettings>,
+    /// `gateways.clamp_mss`: the largest TCP MSS a SYN through the gateways may carry
+    /// (`gateways.tunnel_mtu - 40`); `None` leaves MSS alone.
+    pub mss_clamp: Option<u16>,
     /// Periodic resync (repairs hand edits).
     pub resync_interval: Duration,
 }
@@ -62,6 +65,7 @@ impl Default for ReturnRoutingSettings {
             foreign_tables: vec![180],
             nft_table: "vpn_router_return".to_owned(),
             consistent: None,
+            mss_clamp: None,
             resync_interval: Duration::from_secs(10),
         }
     }
@@ -243,6 +247,17 @@ pub struct NftModel {
     /// (ingress VIP, mark) per gateway.
     pub ingress: Vec<(Ipv4Addr, u32)>,
     pub egress: Option<EgressNft>,
+    pub mss_clamp: Option<MssClamp>,
+}
+
+/// TCP MSS clamping of the connections through the gateways: SYNs forwarded out of
+/// `interface` (clients' egress, real servers' answers to ingress connections) and SYNs of
+/// ingress connections delivered to the router (IPVS or a local service) get an MSS option no
+/// larger than `mss`, so neither end sends segments that do not fit the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MssClamp {
+    pub interface: String,
+    pub mss: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,6 +310,10 @@ pub fn nft_model(s: &ReturnRoutingSettings, table: Option<&BucketTable>) -> NftM
         mark_range: s.mark_range(),
         ingress,
         egress,
+        mss_clamp: s.mss_clamp.map(|mss| MssClamp {
+            interface: s.interface.clone(),
+            mss,
+        }),
     }
 }
 

@@ -224,6 +224,10 @@ pub struct Gateways {
     pub interface: String,
     pub addresses: At<Vec<Ipv4Addr>>,
     pub ingress_vip_start: At<Ipv4Addr>,
+    /// MTU of the gateways' VPN tunnel (gluetun's `WIREGUARD_MTU`): the smallest on the path.
+    pub tunnel_mtu: At<u32>,
+    /// Clamp the MSS of TCP SYNs through the gateways to `tunnel_mtu - 40`.
+    pub clamp_mss: bool,
     pub health: Health,
     pub egress: Egress,
     pub return_routing: ReturnRouting,
@@ -233,6 +237,13 @@ impl Gateways {
     /// Gateway i's ingress VIP: `ingress_vip_start + i`. Validation guarantees no overflow.
     pub fn ingress_vip(&self, index: usize) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.ingress_vip_start.value).saturating_add(index as u32))
+    }
+
+    /// The MSS that fits `tunnel_mtu` (IPv4 and TCP headers without options, as RFC 879 and
+    /// RFC 9293 count it), or `None` when `clamp_mss` is off.
+    pub fn mss_clamp(&self) -> Option<u16> {
+        self.clamp_mss
+            .then(|| u16::try_from(self.tunnel_mtu.value.saturating_sub(40)).unwrap_or(u16::MAX))
     }
 
     pub fn ingress_vips(&self) -> Vec<Ipv4Addr> {

@@ -395,10 +395,19 @@ pub(crate) const GATEWAY_KEYS: &[&str] = &[
     "interface",
     "addresses",
     "ingress_vip_start",
+    "tunnel_mtu",
+    "clamp_mss",
     "health",
     "egress",
     "return_routing",
 ];
+
+/// gluetun's `WIREGUARD_MTU` default (v3.40, v3.41): 1420 less room for the pod network's own
+/// encapsulation.
+pub(crate) const DEFAULT_TUNNEL_MTU: u32 = 1320;
+/// The smallest MTU every IPv4 host must take whole (RFC 791), and IPv6's (RFC 8200): below
+/// 576 an MSS clamp would cost more than fragments.
+const MIN_TUNNEL_MTU: u32 = 576;
 
 fn gateways(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<Gateways> {
     let o = r.object(n, p, GATEWAY_KEYS)?;
@@ -423,6 +432,19 @@ fn gateways(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<Gateways> 
         },
         |r, n, p| r.ipv4(n, p).map(|value| At { value, at: n.at }),
     );
+    let tunnel_mtu = o.or(
+        r,
+        "tunnel_mtu",
+        At {
+            value: DEFAULT_TUNNEL_MTU,
+            at: o.at,
+        },
+        |r, n, p| {
+            r.u32(n, p, MIN_TUNNEL_MTU, 65535)
+                .map(|value| At { value, at: n.at })
+        },
+    );
+    let clamp_mss = o.or(r, "clamp_mss", true, Reader::bool);
     let health = o.opt(r, "health", |r, n, p| health(r, n, p, base));
     let egress = o.opt(r, "egress", egress);
     let return_routing = o.opt(r, "return_routing", return_routing);
@@ -439,6 +461,8 @@ fn gateways(r: &mut Reader, n: &Node, p: &str, base: &Path) -> Option<Gateways> 
         interface: interface?,
         addresses: addresses?,
         ingress_vip_start,
+        tunnel_mtu,
+        clamp_mss,
         health: match health {
             Some(h) => h,
             None => health_defaults(at),

@@ -111,6 +111,23 @@ fn minimal_sections_get_the_documented_defaults() {
     assert_eq!(g.egress.destinations, vec![Ipv4Net::default()]);
     assert!(g.egress.exclude_reserved);
     assert_eq!(g.return_routing.table_base.value, 50);
+    assert_eq!((g.tunnel_mtu.value, g.clamp_mss), (1320, true));
+    assert_eq!(g.mss_clamp(), Some(1280), "gluetun's WireGuard MTU less 40");
+}
+
+#[test]
+fn mss_clamp_follows_tunnel_mtu_and_can_be_off() {
+    let base = "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n";
+    let g = |extra: &str| {
+        load_text(&format!("{base}{extra}"))
+            .unwrap()
+            .config
+            .gateways
+            .unwrap()
+    };
+    assert_eq!(g("  tunnel_mtu: 1420\n").mss_clamp(), Some(1380));
+    assert_eq!(g("  tunnel_mtu: 65535\n").mss_clamp(), Some(65495));
+    assert_eq!(g("  clamp_mss: false\n").mss_clamp(), None);
 }
 
 /// (name, config text, expected "LINE:COL: message fragment" for each error, in order)
@@ -134,6 +151,8 @@ const BROKEN: &[(&str, &str, &[&str])] = &[
     ("duration without unit", "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  health: { interval: 5 }\n", &["4:23: gateways.health.interval: 5 has no unit; expected a duration such as 5s or 5ms"]),
     ("health interval absurdly long", "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  health: { interval: 500years, timeout: 2m }\n", &["4:23: gateways.health.interval: 500years is too long; expected at most 1h", "4:42: gateways.health.timeout: 2m is too long; expected at most 1m"]),
     ("garp refresh absurdly long", "vrrp:\n  - { name: r, interface: eth0, vrid: 1, garp_master_refresh: 9999999999s, virtual_ips: [10.1.1.1/24] }\n", &["2:63: vrrp[0].garp_master_refresh: 316years 10months 17days 8h 10m 39s is too long; expected at most 1h"]),
+    ("tunnel_mtu below IPv4's minimum datagram", "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  tunnel_mtu: 500\n", &["4:15: gateways.tunnel_mtu: 500 is out of range; expected an integer 576-65535"]),
+    ("clamp_mss not a boolean", "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  clamp_mss: 1280\n", &["4:14: gateways.clamp_mss: "]),
     ("reversed range", "gateways:\n  interface: eth1\n  addresses: 192.168.25.135-192.168.25.128\n", &["3:14: gateways.addresses: range 192.168.25.135-192.168.25.128 is reversed"]),
     ("bad address in list", "gateways:\n  interface: eth1\n  addresses: [192.168.25.128, 192.168.25.300]\n", &["3:31: gateways.addresses[1]: \"192.168.25.300\" is not an IPv4 address"]),
     ("cidr with host bits", "gateways:\n  interface: eth1\n  addresses: 192.168.25.128\n  egress: { exclude: [10.0.0.1/8] }\n", &["4:23: gateways.egress.exclude[0]: 10.0.0.1/8 has host bits set; expected the network address 10.0.0.0/8"]),

@@ -275,6 +275,7 @@ fn return_routing_settings(g: &Gateways) -> grm::ReturnRoutingSettings {
         rule_priority_base: rr.rule_priority_base.value,
         foreign_tables: vec![e.table.value],
         consistent,
+        mss_clamp: g.mss_clamp(),
         ..Default::default()
     }
 }
