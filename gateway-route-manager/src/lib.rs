@@ -19,6 +19,7 @@ pub mod egress;
 pub mod error;
 pub mod gluetun;
 pub mod health;
+pub mod local_routes;
 pub mod metrics;
 mod netlink;
 pub mod return_routing;

@@ -905,3 +905,92 @@ fn a_changed_table_and_rule_priority_leave_nothing_behind() {
         "{rules:?}"
     );
 }
+
+/// Local routes (`local_route` virtual servers): added, adopted without a write, a hand
+/// deletion repaired, an unwanted one of ours deleted, the kernel's own local routes and a
+/// foreign one left alone; and the address is then delivered locally.
+#[test]
+fn local_routes_are_owned_adopted_and_cleaned_up() {
+    use gateway_route_manager::local_routes::sync;
+    use std::collections::BTreeSet;
+
+    let ns = router("localrt");
+    // A foreign local route (protocol static) must survive every sync.
+    ns.ip(&[
+        "route",
+        "add",
+        "local",
+        "10.99.0.1",
+        "dev",
+        "lo",
+        "table",
+        "local",
+        "proto",
+        "static",
+    ]);
+    let set = |a: &[&str]| -> BTreeSet<Ipv4Addr> { a.iter().map(|s| s.parse().unwrap()).collect() };
+    let ours = |ns: &Netns| -> Vec<String> {
+        ns.ip(&["-4", "route", "show", "table", "local", "proto", "245"])
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .collect()
+    };
+
+    let want = set(&["10.33.0.10", "10.33.0.11"]);
+    let w = want.clone();
+    let r = ns.run(move || async move { sync(&w).await.unwrap() });
+    assert_eq!(r.added.len(), 2, "{r:?}");
+    assert_eq!(r.in_force, want);
+    assert_eq!(
+        ours(&ns),
+        [
+            "local 10.33.0.10 dev lo scope host",
+            "local 10.33.0.11 dev lo scope host"
+        ]
+    );
+    // Delivered locally: the kernel says so for a packet arriving from the gateway network.
+    let get = ns.ip(&[
+        "route",
+        "get",
+        "10.33.0.10",
+        "from",
+        "192.168.24.5",
+        "iif",
+        "gwnet",
+    ]);
+    assert!(get.starts_with("local 10.33.0.10"), "{get}");
+
+    // A second pass (a restarted daemon) writes nothing.
+    let w = want.clone();
+    let r = ns.run(move || async move { sync(&w).await.unwrap() });
+    assert!(r.added.is_empty() && r.deleted.is_empty(), "{r:?}");
+
+    // Deleted by hand: repaired.
+    ns.ip(&[
+        "route",
+        "del",
+        "local",
+        "10.33.0.11",
+        "dev",
+        "lo",
+        "table",
+        "local",
+    ]);
+    let w = want.clone();
+    let r = ns.run(move || async move { sync(&w).await.unwrap() });
+    assert_eq!(r.added, vec!["10.33.0.11".parse::<Ipv4Addr>().unwrap()]);
+
+    // No longer wanted: ours go, the foreign one and the kernel's stay.
+    let r = ns.run(|| async { sync(&BTreeSet::new()).await.unwrap() });
+    assert_eq!(r.deleted.len(), 2, "{r:?}");
+    assert!(ours(&ns).is_empty(), "{:?}", ours(&ns));
+    let local = ns.ip(&["-4", "route", "show", "table", "local"]);
+    assert!(
+        local.contains("local 10.99.0.1 dev lo proto static"),
+        "{local}"
+    );
+    assert!(
+        local.contains("local 192.168.26.1 dev gwnet proto kernel"),
+        "{local}"
+    );
+}

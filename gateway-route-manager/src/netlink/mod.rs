@@ -101,6 +101,8 @@ pub enum RouteTarget {
     Nexthop(u32),
     Blackhole,
     Unreachable,
+    /// `local`: delivered to this host (scope host) through interface index `oif` (lo).
+    Local(u32),
     /// Any other kind of route (gateway without nexthop object, multipath, local...).
     Other(String),
 }
@@ -569,12 +571,14 @@ fn route_from_message(msg: &RouteMessage) -> Option<Route> {
     let mut dst_addr = Ipv4Addr::UNSPECIFIED;
     let mut metric = 0;
     let mut nh_id = None;
+    let mut oif = 0;
     for attr in &msg.attributes {
         match attr {
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Destination(RouteAddress::Inet(a)) => dst_addr = *a,
             RouteAttribute::Priority(p) => metric = *p,
             RouteAttribute::NhId(id) => nh_id = Some(*id),
+            RouteAttribute::Oif(i) => oif = *i,
             _ => {}
         }
     }
@@ -583,6 +587,7 @@ fn route_from_message(msg: &RouteMessage) -> Option<Route> {
         (RouteType::Unicast, Some(id)) => RouteTarget::Nexthop(id),
         (RouteType::BlackHole, _) => RouteTarget::Blackhole,
         (RouteType::Unreachable, _) => RouteTarget::Unreachable,
+        (RouteType::Local, None) => RouteTarget::Local(oif),
         (kind, _) => RouteTarget::Other(format!("{kind:?}")),
     };
     Some(Route {
@@ -599,6 +604,7 @@ fn route_type(target: &RouteTarget) -> Option<RouteType> {
         RouteTarget::Nexthop(_) => Some(RouteType::Unicast),
         RouteTarget::Blackhole => Some(RouteType::BlackHole),
         RouteTarget::Unreachable => Some(RouteType::Unreachable),
+        RouteTarget::Local(_) => Some(RouteType::Local),
         RouteTarget::Other(_) => None,
     }
 }
@@ -611,7 +617,11 @@ fn route_key_message(route: &Route) -> RouteMessage {
     // Tables above 255 only fit in RTA_TABLE; the header then says RT_TABLE_UNSPEC.
     msg.header.table = u8::try_from(route.table).unwrap_or(0);
     msg.header.protocol = RouteProtocol::from(route.protocol);
-    msg.header.scope = RouteScope::Universe;
+    // The kernel matches a deletion on scope too: a local route is scope host.
+    msg.header.scope = match route.target {
+        RouteTarget::Local(_) => RouteScope::Host,
+        _ => RouteScope::Universe,
+    };
     msg.attributes.push(RouteAttribute::Table(route.table));
     if route.dst.prefix_len() > 0 {
         msg.attributes
@@ -626,8 +636,10 @@ fn route_key_message(route: &Route) -> RouteMessage {
 fn route_to_message(route: &Route) -> Option<RouteMessage> {
     let mut msg = route_key_message(route);
     msg.header.kind = route_type(&route.target)?;
-    if let RouteTarget::Nexthop(id) = route.target {
-        msg.attributes.push(RouteAttribute::NhId(id));
+    match route.target {
+        RouteTarget::Nexthop(id) => msg.attributes.push(RouteAttribute::NhId(id)),
+        RouteTarget::Local(oif) => msg.attributes.push(RouteAttribute::Oif(oif)),
+        _ => {}
     }
     Some(msg)
 }

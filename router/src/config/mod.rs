@@ -379,6 +379,9 @@ pub struct VirtualServer {
     pub real_port: u16,
     pub health_check: RealServerCheck,
     pub on_failure: OnFailure,
+    /// Every router routes `addresses` to itself (a `local` route in table local) so IPVS
+    /// receives packets for an address no interface holds, e.g. the cluster DNS service IP.
+    pub local_route: At<bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]

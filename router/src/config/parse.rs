@@ -887,6 +887,7 @@ pub(crate) const VS_KEYS: &[&str] = &[
     "real_port",
     "health_check",
     "on_failure",
+    "local_route",
 ];
 
 fn virtual_server(r: &mut Reader, n: &Node, p: &str) -> Option<VirtualServer> {
@@ -995,6 +996,15 @@ fn virtual_server(r: &mut Reader, n: &Node, p: &str) -> Option<VirtualServer> {
             ],
         )
     });
+    let local_route = o.or(
+        r,
+        "local_route",
+        At {
+            value: false,
+            at: o.at,
+        },
+        |r, n, p| r.bool(n, p).map(|value| At { value, at: n.at }),
+    );
     let port = port?;
     Some(VirtualServer {
         name: name?,
@@ -1007,6 +1017,7 @@ fn virtual_server(r: &mut Reader, n: &Node, p: &str) -> Option<VirtualServer> {
         real_port: real_port.unwrap_or(port),
         health_check: health_check.unwrap_or_else(real_server_check_defaults),
         on_failure,
+        local_route,
     })
 }
 

@@ -217,7 +217,12 @@ fn ingress(r: &mut Reader, c: &Config, i: &Ingress) {
                 ),
             );
         }
+        let local = vs.local_route.value;
         let addresses: Vec<IpAddr> = match &vs.addresses.value {
+            VsAddresses::GatewayIngressVips if local => {
+                r.error(vs.local_route.at, format!("{p}.local_route: the gateways' ingress VIPs are held by VRRP; expected local_route only with a list of addresses that no router holds"));
+                Vec::new()
+            }
             VsAddresses::GatewayIngressVips => match &c.gateways {
                 Some(g) => {
                     if !holds_ingress {
@@ -238,8 +243,11 @@ fn ingress(r: &mut Reader, c: &Config, i: &Ingress) {
                     );
                 }
                 for a in list {
-                    if !vrrp_vips.contains(a) {
-                        r.warn(vs.addresses.at, format!("{p}.addresses: {a} is not a virtual IP of any vrrp instance; it must be held by something else"));
+                    match (local, vrrp_vips.contains(a)) {
+                        (true, true) => r.error(vs.local_route.at, format!("{p}.local_route: {a} is a virtual IP of a vrrp instance (VRRP holds it on the master); expected local_route only for addresses no router holds, such as the cluster DNS service IP")),
+                        (true, false) if a.is_ipv6() => r.error(vs.local_route.at, format!("{p}.local_route: {a} is IPv6; local routes are IPv4 only until dual-stack")),
+                        (false, false) => r.warn(vs.addresses.at, format!("{p}.addresses: {a} is not a virtual IP of any vrrp instance; it must be held by something else (or set local_route: true)")),
+                        _ => {}
                     }
                 }
                 list.clone()

@@ -8,7 +8,7 @@
 //! the destination list, so an `mh` service's list is fixed by the config alone.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ipnet::IpNet;
 use ipvs::{
@@ -54,6 +54,8 @@ pub struct IngressPlan {
     /// services are ours even when no virtual server uses the address any more, so removing a
     /// virtual server from the config removes its services.
     pub also_owned: BTreeSet<IpAddr>,
+    /// Addresses of `local_route: true` virtual servers: every router routes them to itself.
+    pub local_routes: BTreeSet<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,6 +146,7 @@ pub fn virtual_addresses(
 /// Maps the config to the plan the engine runs.
 pub fn plan(ingress: &Ingress, gateways: Option<&Gateways>) -> Result<IngressPlan, PlanError> {
     let mut virtual_servers = Vec::new();
+    let mut local_routes = BTreeSet::new();
     for vs in &ingress.virtual_servers {
         let name = vs.name.value.clone();
         let mut flags = ServiceFlags::empty();
@@ -156,6 +159,9 @@ pub fn plan(ingress: &Ingress, gateways: Option<&Gateways>) -> Result<IngressPla
         }
         let mut services = Vec::new();
         for addr in virtual_addresses(vs, gateways)? {
+            if let (true, IpAddr::V4(a)) = (vs.local_route.value, addr) {
+                local_routes.insert(a);
+            }
             for p in &vs.protocols {
                 let key = ServiceKey::Addr {
                     protocol: protocol(*p),
@@ -194,6 +200,7 @@ pub fn plan(ingress: &Ingress, gateways: Option<&Gateways>) -> Result<IngressPla
     Ok(IngressPlan {
         virtual_servers,
         also_owned,
+        local_routes,
     })
 }
 

@@ -238,6 +238,8 @@ pub struct IngressMetrics {
     pub checks: Family<CheckLabels, Counter>,
     pub check_duration: HistogramFamily,
     pub kernel: Arc<KernelStats>,
+    /// `local_route` addresses whose local route is in the kernel.
+    pub local_routes: Gauge,
 }
 
 impl Default for IngressMetrics {
@@ -256,6 +258,7 @@ impl IngressMetrics {
             checks: Family::default(),
             check_duration: Family::new_with_constructor(check_histogram),
             kernel: Arc::new(KernelStats::default()),
+            local_routes: Gauge::default(),
         }
     }
 
@@ -265,11 +268,17 @@ impl IngressMetrics {
         self.real_servers.clear();
         self.real_server_up.clear();
         self.kernel.set(Vec::new());
+        self.local_routes.set(0);
     }
 
     pub fn register(&self, registry: &mut Registry) {
         self.ipvs.register(registry);
         let r = registry.sub_registry_with_prefix("vpn_router_ingress");
+        r.register(
+            "local_routes",
+            "Addresses of local_route virtual servers whose local route (table local) is in force",
+            self.local_routes.clone(),
+        );
         r.register(
             "real_servers_up",
             "Real servers passing their health checks, per virtual server",

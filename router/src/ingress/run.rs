@@ -6,10 +6,11 @@
 //! /status current. Never decides policy: the desired state comes from [`super::desired`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gateway_route_manager as grm;
 use ipvs::{DesiredService, IpvsClient, Reconciler, ServiceKey};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -58,10 +59,79 @@ pub fn start(
 ) -> Vec<JoinHandle<()>> {
     let plan = Arc::new(plan);
     let (rx, mut tasks) = spawn_checks(plan.clone(), &settings, &metrics, &cancel);
+    let (local_tx, local_rx) = watch::channel(LocalRoutesStatus::default());
+    tasks.push(tokio::spawn(local_routes_loop(
+        plan.local_routes.clone(),
+        settings.resync,
+        local_tx,
+        metrics.clone(),
+        cancel.clone(),
+    )));
     tasks.push(tokio::spawn(reconcile_loop(
-        plan, rx, settings, board, metrics, cancel,
+        plan, rx, local_rx, settings, board, metrics, cancel,
     )));
     tasks
+}
+
+/// The `local_routes` entry of the ingress status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LocalRoutesStatus {
+    /// Every `local_route` address, and whether its route is in the kernel.
+    pub routes: Vec<LocalRouteStatus>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LocalRouteStatus {
+    pub address: Ipv4Addr,
+    pub in_force: bool,
+}
+
+/// Keeps the local routes of `wanted` (and no other of ours) in the kernel: at once, then
+/// every `resync` (repairs a route deleted by hand).
+async fn local_routes_loop(
+    wanted: BTreeSet<Ipv4Addr>,
+    resync: Duration,
+    status: watch::Sender<LocalRoutesStatus>,
+    metrics: IngressMetrics,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (in_force, last_error) = match grm::local_routes::sync(&wanted).await {
+            Ok(r) => {
+                for a in &r.added {
+                    tracing::info!(address = %a, "ingress: local route added (table local): the router accepts this address for its virtual servers");
+                }
+                for a in &r.deleted {
+                    tracing::info!(address = %a, "ingress: local route of an address no virtual server uses any more deleted");
+                }
+                (r.in_force, None)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ingress: local routes not in force; retrying");
+                (BTreeSet::new(), Some(e.to_string()))
+            }
+        };
+        metrics
+            .local_routes
+            .set(i64::try_from(in_force.len()).unwrap_or(i64::MAX));
+        status.send_replace(LocalRoutesStatus {
+            routes: wanted
+                .iter()
+                .map(|a| LocalRouteStatus {
+                    address: *a,
+                    in_force: in_force.contains(a),
+                })
+                .collect(),
+            last_error,
+        });
+    }
 }
 
 /// Starts one checker per real server; their results land in the returned watch (notified on
@@ -206,10 +276,19 @@ struct LastPass {
     errors: Vec<String>,
 }
 
-/// Deletes every IPVS service on the `owned` addresses, once: the `ingress` section was
-/// removed from the config, and the services it built must not outlive it. Services on other
-/// addresses are not touched.
+/// Deletes every IPVS service on the `owned` addresses and every local route of ours, once:
+/// the `ingress` section was removed from the config, and what it built must not outlive it.
+/// Services on other addresses are not touched.
 pub async fn withdraw(owned: BTreeSet<IpAddr>, metrics: IngressMetrics, cancel: CancellationToken) {
+    match grm::local_routes::sync(&BTreeSet::new()).await {
+        Ok(r) if !r.deleted.is_empty() => {
+            tracing::info!(deleted = ?r.deleted, "ingress removed from the config: its local routes are deleted");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "ingress removed from the config, but its local routes could not be deleted");
+        }
+    }
     let client = tokio::select! {
         _ = cancel.cancelled() => return,
         c = IpvsClient::connect() => match c {
@@ -252,6 +331,7 @@ pub async fn withdraw(owned: BTreeSet<IpAddr>, metrics: IngressMetrics, cancel: 
 async fn reconcile_loop(
     plan: Arc<IngressPlan>,
     mut health: watch::Receiver<HealthMap>,
+    local: watch::Receiver<LocalRoutesStatus>,
     settings: EngineSettings,
     board: Arc<StatusBoard>,
     metrics: IngressMetrics,
@@ -262,10 +342,10 @@ async fn reconcile_loop(
         &board,
         &plan,
         &health.borrow(),
+        &local.borrow(),
         None,
         None,
-        ComponentState::Running,
-        false,
+        (ComponentState::Running, false),
     );
 
     // Connect (IPVS may be loaded later by the operator: keep trying, and say why not).
@@ -278,10 +358,10 @@ async fn reconcile_loop(
                     &board,
                     &plan,
                     &health.borrow(),
+                    &local.borrow(),
                     None,
                     Some(e.to_string()),
-                    ComponentState::Degraded,
-                    false,
+                    (ComponentState::Degraded, false),
                 );
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -371,7 +451,15 @@ async fn reconcile_loop(
         } else {
             ComponentState::Degraded
         };
-        publish(&board, &plan, &snapshot, Some(&last), None, state, ready);
+        publish(
+            &board,
+            &plan,
+            &snapshot,
+            &local.borrow(),
+            Some(&last),
+            None,
+            (state, ready),
+        );
     }
 }
 
@@ -413,15 +501,16 @@ async fn read_kernel_stats(
 }
 
 /// The `ingress` entry of /status: every virtual server with its services and each real
-/// server's state, weight and last check result.
+/// server's state, weight and last check result; the local routes. `(state, ready)` is the
+/// component's.
 fn publish(
     board: &StatusBoard,
     plan: &IngressPlan,
     health: &HealthMap,
+    local: &LocalRoutesStatus,
     last: Option<&LastPass>,
     error: Option<String>,
-    state: ComponentState,
-    ready: bool,
+    (state, ready): (ComponentState, bool),
 ) {
     let desired = plan.desired(|id| health.get(&id).is_some_and(ServerHealth::is_up));
     let w = weights(&desired);
@@ -476,6 +565,7 @@ fn publish(
             ready,
             detail: serde_json::json!({
                 "virtual_servers": vss,
+                "local_routes": local,
                 "last_reconcile": last,
                 "error": error,
             }),

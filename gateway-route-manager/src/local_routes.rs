@@ -1,0 +1,105 @@
+//! Local routes: addresses that no interface of the router holds, but that it must accept as
+//! its own so IPVS sees their packets (a virtual server on the cluster DNS service IP, which
+//! clients route to the egress VIP). Each is `local ADDR dev lo table local proto 245 scope
+//! host`, on every router whatever its VRRP role (only the egress VIP, which the clients'
+//! route points at, moves on failover).
+//!
+//! Owns: the `local` routes of protocol 245 (`RTPROT_VPN_ROUTER`) in table local, and nothing
+//! else there (the kernel's own local routes are protocol kernel). A sync adds what is missing
+//! and deletes ours that are no longer wanted; a restarted daemon adopts what it finds.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::egress::RTPROT_VPN_ROUTER;
+use crate::error::NetlinkError;
+use crate::netlink::{Route, RouteSocket, RouteTarget};
+
+/// The kernel's `local` table.
+pub const TABLE_LOCAL: u32 = 255;
+
+/// What one sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalRoutesReport {
+    /// Addresses whose route was added, and ours that were deleted.
+    pub added: Vec<Ipv4Addr>,
+    pub deleted: Vec<Ipv4Addr>,
+    /// Wanted addresses whose route is in the kernel after the sync.
+    pub in_force: BTreeSet<Ipv4Addr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalRoutesError {
+    #[error("local routes: {0}")]
+    Netlink(#[from] NetlinkError),
+    #[error("local routes: {count} change(s) failed; first: {first}")]
+    Apply { count: usize, first: NetlinkError },
+}
+
+fn ours(r: &Route) -> Option<Ipv4Addr> {
+    (r.table == TABLE_LOCAL
+        && r.protocol == RTPROT_VPN_ROUTER
+        && matches!(r.target, RouteTarget::Local(_))
+        && r.dst.prefix_len() == 32)
+        .then(|| r.dst.addr())
+}
+
+fn route(addr: Ipv4Addr, lo: u32) -> Route {
+    Route {
+        table: TABLE_LOCAL,
+        dst: Ipv4Net::from(addr),
+        metric: 0,
+        protocol: RTPROT_VPN_ROUTER,
+        target: RouteTarget::Local(lo),
+    }
+}
+
+/// Makes our local routes exactly `wanted`: one dump, then only the differences.
+pub async fn sync(wanted: &BTreeSet<Ipv4Addr>) -> Result<LocalRoutesReport, LocalRoutesError> {
+    let socket = RouteSocket::open()?;
+    let lo = socket.link_index("lo").await?;
+    let kernel: Vec<Route> = socket.dump_routes().await?;
+    let have: BTreeSet<Ipv4Addr> = kernel.iter().filter_map(ours).collect();
+    // A route of ours through another interface than lo (edited by hand) is replaced.
+    let wrong: BTreeSet<Ipv4Addr> = kernel
+        .iter()
+        .filter(|r| ours(r).is_some() && r.target != RouteTarget::Local(lo))
+        .filter_map(ours)
+        .collect();
+    let mut report = LocalRoutesReport::default();
+    let mut failed = Vec::new();
+    for a in wanted
+        .iter()
+        .filter(|a| !have.contains(a) || wrong.contains(a))
+    {
+        match socket.set_route(&route(*a, lo)).await {
+            Ok(()) => report.added.push(*a),
+            Err(e) => failed.push(e),
+        }
+    }
+    for r in kernel
+        .iter()
+        .filter(|r| ours(r).is_some_and(|a| !wanted.contains(&a)))
+    {
+        match socket.delete_route(r).await {
+            Ok(()) => report.deleted.extend(ours(r)),
+            Err(NetlinkError::Kernel { errno, .. }) if errno == libc::ESRCH => {}
+            Err(e) => failed.push(e),
+        }
+    }
+    let after: BTreeSet<Ipv4Addr> = socket
+        .dump_routes()
+        .await?
+        .iter()
+        .filter(|r| r.target == RouteTarget::Local(lo))
+        .filter_map(ours)
+        .collect();
+    report.in_force = wanted.intersection(&after).copied().collect();
+    let count = failed.len();
+    match failed.into_iter().next() {
+        None => Ok(report),
+        Some(first) => Err(LocalRoutesError::Apply { count, first }),
+    }
+}
