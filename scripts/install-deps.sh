@@ -13,6 +13,8 @@ declare -A NEED=(
   [named]=bind9
   [tsig-keygen]=bind9-utils
   [dig]=dnsutils
+  # the VM tier's resolver pods and cluster DNS (dnsmasq-base: the binary, no service)
+  [dnsmasq]=dnsmasq-base
   [promtool]=prometheus
   [ipvsadm]=ipvsadm
   [qemu-system-x86_64]=qemu-system-x86

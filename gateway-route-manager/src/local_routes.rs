@@ -1,8 +1,14 @@
 //! Local routes: addresses that no interface of the router holds, but that it must accept as
 //! its own so IPVS sees their packets (a virtual server on the cluster DNS service IP, which
 //! clients route to the egress VIP). Each is `local ADDR dev lo table local proto 245 scope
-//! host`, on every router whatever its VRRP role (only the egress VIP, which the clients'
-//! route points at, moves on failover).
+//! host src SRC`, on every router whatever its VRRP role (only the egress VIP, which the
+//! clients' route points at, moves on failover).
+//!
+//! `src` is the router's own address on the gateway network. Without it the router's own
+//! packets to ADDR (the pod's resolv.conf names the cluster DNS IP) would leave with ADDR as
+//! their source, IPVS would hand them to a real server, and its answer to ADDR would go
+//! elsewhere: the router's own lookups would fail. With it the real server answers the router
+//! on the gateway network and IPVS undoes its NAT.
 //!
 //! Owns: the `local` routes of protocol 245 (`RTPROT_VPN_ROUTER`) in table local, and nothing
 //! else there (the kernel's own local routes are protocol kernel). A sync adds what is missing
@@ -41,31 +47,45 @@ pub enum LocalRoutesError {
 fn ours(r: &Route) -> Option<Ipv4Addr> {
     (r.table == TABLE_LOCAL
         && r.protocol == RTPROT_VPN_ROUTER
-        && matches!(r.target, RouteTarget::Local(_))
+        && matches!(r.target, RouteTarget::Local { .. })
         && r.dst.prefix_len() == 32)
         .then(|| r.dst.addr())
 }
 
-fn route(addr: Ipv4Addr, lo: u32) -> Route {
+fn route(addr: Ipv4Addr, target: RouteTarget) -> Route {
     Route {
         table: TABLE_LOCAL,
         dst: Ipv4Net::from(addr),
         metric: 0,
         protocol: RTPROT_VPN_ROUTER,
-        target: RouteTarget::Local(lo),
+        target,
     }
 }
 
-/// Makes our local routes exactly `wanted`: one dump, then only the differences.
-pub async fn sync(wanted: &BTreeSet<Ipv4Addr>) -> Result<LocalRoutesReport, LocalRoutesError> {
+/// Makes our local routes exactly `wanted`, with the first primary IPv4 address of
+/// `src_interface` as their source (none while it has no address; a later sync adds it): one
+/// dump, then only the differences.
+pub async fn sync(
+    wanted: &BTreeSet<Ipv4Addr>,
+    src_interface: Option<&str>,
+) -> Result<LocalRoutesReport, LocalRoutesError> {
     let socket = RouteSocket::open()?;
     let lo = socket.link_index("lo").await?;
+    let prefsrc = match src_interface {
+        None => None,
+        Some(name) => match socket.link_index(name).await {
+            Ok(i) => socket.primary_ipv4(i).await?.first().copied(),
+            Err(NetlinkError::NoSuchInterface { .. }) => None,
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let target = RouteTarget::Local { oif: lo, prefsrc };
     let kernel: Vec<Route> = socket.dump_routes().await?;
     let have: BTreeSet<Ipv4Addr> = kernel.iter().filter_map(ours).collect();
-    // A route of ours through another interface than lo (edited by hand) is replaced.
+    // A route of ours that differs (another interface, another source) is replaced.
     let wrong: BTreeSet<Ipv4Addr> = kernel
         .iter()
-        .filter(|r| ours(r).is_some() && r.target != RouteTarget::Local(lo))
+        .filter(|r| ours(r).is_some() && r.target != target)
         .filter_map(ours)
         .collect();
     let mut report = LocalRoutesReport::default();
@@ -74,7 +94,7 @@ pub async fn sync(wanted: &BTreeSet<Ipv4Addr>) -> Result<LocalRoutesReport, Loca
         .iter()
         .filter(|a| !have.contains(a) || wrong.contains(a))
     {
-        match socket.set_route(&route(*a, lo)).await {
+        match socket.set_route(&route(*a, target.clone())).await {
             Ok(()) => report.added.push(*a),
             Err(e) => failed.push(e),
         }
@@ -93,7 +113,7 @@ pub async fn sync(wanted: &BTreeSet<Ipv4Addr>) -> Result<LocalRoutesReport, Loca
         .dump_routes()
         .await?
         .iter()
-        .filter(|r| r.target == RouteTarget::Local(lo))
+        .filter(|r| r.target == target)
         .filter_map(ours)
         .collect();
     report.in_force = wanted.intersection(&after).copied().collect();

@@ -938,14 +938,14 @@ fn local_routes_are_owned_adopted_and_cleaned_up() {
 
     let want = set(&["10.33.0.10", "10.33.0.11"]);
     let w = want.clone();
-    let r = ns.run(move || async move { sync(&w).await.unwrap() });
+    let r = ns.run(move || async move { sync(&w, Some("gwnet")).await.unwrap() });
     assert_eq!(r.added.len(), 2, "{r:?}");
     assert_eq!(r.in_force, want);
     assert_eq!(
         ours(&ns),
         [
-            "local 10.33.0.10 dev lo scope host",
-            "local 10.33.0.11 dev lo scope host"
+            "local 10.33.0.10 dev lo scope host src 192.168.26.1",
+            "local 10.33.0.11 dev lo scope host src 192.168.26.1"
         ]
     );
     // Delivered locally: the kernel says so for a packet arriving from the gateway network.
@@ -960,9 +960,13 @@ fn local_routes_are_owned_adopted_and_cleaned_up() {
     ]);
     assert!(get.starts_with("local 10.33.0.10"), "{get}");
 
+    // The router's own packets to it leave from its gateway-network address.
+    let get = ns.ip(&["route", "get", "10.33.0.10"]);
+    assert!(get.contains("src 192.168.26.1"), "{get}");
+
     // A second pass (a restarted daemon) writes nothing.
     let w = want.clone();
-    let r = ns.run(move || async move { sync(&w).await.unwrap() });
+    let r = ns.run(move || async move { sync(&w, Some("gwnet")).await.unwrap() });
     assert!(r.added.is_empty() && r.deleted.is_empty(), "{r:?}");
 
     // Deleted by hand: repaired.
@@ -977,11 +981,11 @@ fn local_routes_are_owned_adopted_and_cleaned_up() {
         "local",
     ]);
     let w = want.clone();
-    let r = ns.run(move || async move { sync(&w).await.unwrap() });
+    let r = ns.run(move || async move { sync(&w, Some("gwnet")).await.unwrap() });
     assert_eq!(r.added, vec!["10.33.0.11".parse::<Ipv4Addr>().unwrap()]);
 
     // No longer wanted: ours go, the foreign one and the kernel's stay.
-    let r = ns.run(|| async { sync(&BTreeSet::new()).await.unwrap() });
+    let r = ns.run(|| async { sync(&BTreeSet::new(), None).await.unwrap() });
     assert_eq!(r.deleted.len(), 2, "{r:?}");
     assert!(ours(&ns).is_empty(), "{:?}", ours(&ns));
     let local = ns.ip(&["-4", "route", "show", "table", "local"]);

@@ -2,7 +2,9 @@
 //! kernel has no IPVS): the lab's whole ingress path — Internet host → gateway i (DNAT of its
 //! forwarded port to ingress VIP i) → the real `vpn-router` (IPVS mh over the ingress pods) →
 //! ingress pod → reply back through gateway i — for several gateways at once; a real server
-//! stopped and restored; DNS through the egress VIP to resolver pods.
+//! stopped and restored; DNS through the egress VIP to resolver pods. And DNS the way the
+//! original design does it: on the cluster DNS IP (a `local_route` virtual server) to dnsmasq
+//! resolver pods whose upstream queries leave through the gateways.
 //!
 //! `#[ignore]`d so that `cargo test` on a host without IPVS does not run it; the VM script runs
 //! it with `--ignored`. Prints `RESULT key=value` lines with what it measured.
@@ -210,10 +212,16 @@ fn dns_reply(q: &[u8], me: Ipv4Addr) -> Option<Vec<u8>> {
 /// Resolver pods: namespaces on the lab's gateway network, each with a tiny DNS responder.
 struct Resolvers {
     ns: Vec<Netns>,
+    /// Their processes (dnsmasq), stopped before the namespaces go.
+    children: Vec<std::process::Child>,
 }
 
 impl Drop for Resolvers {
     fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for n in &self.ns {
             let _ = n.destroy();
         }
@@ -222,7 +230,10 @@ impl Drop for Resolvers {
 
 fn start_resolvers(lab: &Lab) -> Resolvers {
     let prefix = lab.switch().name().trim_end_matches("-sw").to_owned();
-    let mut out = Resolvers { ns: Vec::new() };
+    let mut out = Resolvers {
+        ns: Vec::new(),
+        children: Vec::new(),
+    };
     for (k, addr) in RESOLVERS.iter().enumerate() {
         let ns = Netns::create(&format!("{prefix}-dns{k}")).unwrap();
         out.ns.push(ns.clone());
@@ -1018,4 +1029,346 @@ fn without_ingress(yaml: &str) -> String {
         }
     }
     out
+}
+
+/// The cluster's DNS service IP, as in the clients' resolv.conf (the lab's node serves it).
+const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 33, 0, 10);
+/// What the lab's cluster DNS answers for the one cluster name it knows.
+const KUBERNETES_SVC: Ipv4Addr = Ipv4Addr::new(10, 33, 0, 1);
+/// dnsmasq resolver pods: VPN network address, pod network (`eth0`) address.
+const DNSMASQ: [(Ipv4Addr, Ipv4Addr); 2] = [
+    (
+        Ipv4Addr::new(192, 168, 27, 128),
+        Ipv4Addr::new(10, 244, 4, 1),
+    ),
+    (
+        Ipv4Addr::new(192, 168, 27, 129),
+        Ipv4Addr::new(10, 244, 4, 2),
+    ),
+];
+
+const CLUSTER_DNS_VS: &str = "    - name: dns
+      port: 53
+      protocols: [udp, tcp]
+      addresses: [10.33.0.10]
+      local_route: true
+      scheduler: rr
+      real_servers: [192.168.27.128/31]
+      health_check: { type: dns, query: kubernetes.default.svc.cluster.local, interval: 1s, timeout: 900ms, rise: 1, fall: 2 }
+";
+
+/// dnsmasq in `ns`, in the foreground (the namespace's teardown kills it), logging every query
+/// to `log`.
+fn dnsmasq(ns: &Netns, listen: Ipv4Addr, args: &[String], log: &Path) -> std::process::Child {
+    let mut cmd = ns.command("dnsmasq");
+    cmd.args([
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-poll",
+        "--bind-interfaces",
+        "--user=root",
+        "--group=root",
+        "--pid-file",
+        "--cache-size=0",
+        "--log-queries",
+    ])
+    .arg(format!("--listen-address={listen}"))
+    .arg(format!("--log-facility={}", log.display()))
+    .args(args)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    cmd.spawn().expect("dnsmasq (Debian package dnsmasq-base)")
+}
+
+/// The resolver example's pods, with dnsmasq standing in for CoreDNS: `cluster.local` to the
+/// cluster DNS out of `eth0` (the pod network), everything else to the Internet's DNS through
+/// the VPN network (default via the egress VIP). Replies to clients go back through the router
+/// (IPVS undoes its NAT there), as the example's NAD routes them.
+fn start_dnsmasq_resolvers(lab: &Lab, dir: &Path) -> Resolvers {
+    let prefix = lab.switch().name().trim_end_matches("-sw").to_owned();
+    let mut out = Resolvers {
+        ns: Vec::new(),
+        children: Vec::new(),
+    };
+    for (k, (addr, pod)) in DNSMASQ.iter().enumerate() {
+        let ns = Netns::create(&format!("{prefix}-res{k}")).unwrap();
+        out.ns.push(ns.clone());
+        lab.switch()
+            .ip_batch(&[
+                format!(
+                    "link add g-res{k} mtu {m} type veth peer name gw0 mtu {m} netns {}",
+                    ns.name(),
+                    m = topo::GW_NET_MTU
+                ),
+                format!("link set g-res{k} master brgw up"),
+                format!(
+                    "link add p-res{k} type veth peer name eth0 netns {}",
+                    ns.name()
+                ),
+                format!("link set p-res{k} master brpod up"),
+            ])
+            .unwrap();
+        ns.ip_batch(&[
+            format!("addr add {addr}/{} dev gw0", topo::GW_NET_PREFIX),
+            format!("addr add {pod}/16 dev eth0"),
+            "link set gw0 up".into(),
+            "link set eth0 up".into(),
+            "link set lo up".into(),
+            format!("route add default via {} dev gw0", topo::EGRESS_VIP),
+            format!("route add 10.0.0.0/8 via {} dev eth0", topo::NODE_POD),
+            format!("route add 192.168.24.0/25 via {} dev gw0", topo::EGRESS_VIP),
+        ])
+        .unwrap();
+        let child = dnsmasq(
+            &ns,
+            *addr,
+            &[
+                format!("--server=/cluster.local/{CLUSTER_DNS}"),
+                format!("--server={}", topo::INTERNET_DNS),
+            ],
+            &dir.join(format!("resolver{k}.log")),
+        );
+        out.children.push(child);
+    }
+    out
+}
+
+/// The node serves the cluster DNS (10.33.0.10: one name, no recursion) and counts the DNS
+/// packets it receives by source: resolver pods, router pods, anyone else (a client's query
+/// that went around the VPN). The returned dnsmasq is the caller's to stop.
+fn start_cluster_dns(lab: &Lab, dir: &Path) -> std::process::Child {
+    let node = lab.node();
+    node.ip(&["addr", "add", &format!("{CLUSTER_DNS}/32"), "dev", "lo"])
+        .unwrap();
+    let resolvers: Vec<String> = DNSMASQ.iter().map(|(_, p)| p.to_string()).collect();
+    node.nft(&format!(
+        "table ip lab {{\n counter resolvers {{ }}\n counter routers {{ }}\n counter others {{ }}\n chain input {{\n  type filter hook input priority 0; policy accept;\n  meta l4proto {{ tcp, udp }} th dport 53 ip saddr {{ {} }} counter name \"resolvers\" accept\n  meta l4proto {{ tcp, udp }} th dport 53 ip saddr 10.244.1.0/24 counter name \"routers\" accept\n  meta l4proto {{ tcp, udp }} th dport 53 counter name \"others\"\n }}\n}}\n",
+        resolvers.join(", ")
+    ))
+    .unwrap();
+    dnsmasq(
+        node,
+        CLUSTER_DNS,
+        &[format!(
+            "--host-record=kubernetes.default.svc.cluster.local,{KUBERNETES_SVC}"
+        )],
+        &dir.join("cluster-dns.log"),
+    )
+}
+
+/// `dig` in `ns` at the cluster DNS IP: the A records of `name` (empty: no answer).
+fn dig(ns: &Netns, name: &str, tcp: bool) -> Result<Vec<Ipv4Addr>, String> {
+    let server = format!("@{CLUSTER_DNS}");
+    let mut args = vec![server.as_str(), "+short", "+tries=1", "+time=3", name, "A"];
+    if tcp {
+        args.push("+tcp");
+    }
+    let out = ns.exec("dig", &args).map_err(|e| e.to_string())?;
+    Ok(out.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+fn local_routes_in_force(lab: &Lab, k: usize) -> Option<bool> {
+    let st = lab.router(k).status().ok()?;
+    let routes = st["components"]["ingress"]["detail"]["local_routes"]["routes"]
+        .as_array()?
+        .clone();
+    Some(
+        routes.len() == 1
+            && routes[0]["address"] == CLUSTER_DNS.to_string()
+            && routes[0]["in_force"] == true,
+    )
+}
+
+fn kernel_local_routes(lab: &Lab, k: usize) -> String {
+    lab.router(k)
+        .ns
+        .ip(&["-4", "route", "show", "table", "local", "proto", "245"])
+        .unwrap_or_default()
+}
+
+/// DNS the way the original design does it, on a real IPVS kernel: clients keep the cluster
+/// DNS IP, their NAD routes it to the egress VIP, both routers accept it as local (the
+/// daemon's `local_route`) and IPVS hands it to resolver pods (dnsmasq for CoreDNS), whose
+/// upstream queries leave through the gateways; `cluster.local` goes to the cluster DNS.
+#[test]
+#[ignore = "needs IPVS: run in the VM (tests/vm/test-ingress.sh)"]
+fn dns_through_the_vpn_on_the_cluster_dns_ip() {
+    assert!(
+        lab::lab::ipvs_available(),
+        "this kernel has no IPVS (no /proc/net/ip_vs): run this test in the VM with tests/vm/test-ingress.sh"
+    );
+    let router_bin = Path::new(LAB_BIN).with_file_name("vpn-router");
+    let lab = Lab::builder()
+        .lab_bin(LAB_BIN)
+        .router_bin(&router_bin)
+        .gateways(2)
+        .routers(2)
+        .clients(1)
+        .ingress_pods(0)
+        .dns(true)
+        .start_routers(false)
+        .tuning(tuning())
+        .build()
+        .unwrap_or_else(|e| panic!("building the lab failed: {e}"));
+    let dir = std::env::temp_dir().join(format!("vpn-router-dns-vm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster_dns = start_cluster_dns(&lab, &dir);
+    let mut resolvers = start_dnsmasq_resolvers(&lab, &dir);
+    resolvers.children.push(cluster_dns);
+    for g in lab.gateways() {
+        g.ns.nft("table ip lab {\n counter upstream { }\n chain post {\n  type filter hook postrouting priority 0; policy accept;\n  oifname \"tun0\" meta l4proto { tcp, udp } th dport 53 counter name \"upstream\"\n }\n}\n")
+            .unwrap();
+    }
+    // The client NAD's extra route: the cluster DNS IP via the egress VIP (nad-routes --extra).
+    let client = lab.client(0).ns.clone();
+    client
+        .ip(&[
+            "route",
+            "add",
+            &format!("{CLUSTER_DNS}/32"),
+            "via",
+            &topo::EGRESS_VIP.to_string(),
+            "dev",
+            "gw0",
+        ])
+        .unwrap();
+    for r in lab.routers() {
+        r.rewrite_config(|y| {
+            assert!(
+                !y.contains("\ningress:"),
+                "the lab config has an ingress section:\n{y}"
+            );
+            format!("{y}ingress:\n  virtual_servers:\n{CLUSTER_DNS_VS}")
+        })
+        .unwrap();
+    }
+    for r in lab.routers() {
+        r.start().unwrap();
+    }
+    let (_, t_ready) = wait_for(
+        "both resolvers up and the local route in force on both routers",
+        &lab,
+        || {
+            let up = (0..2).all(|k| {
+                real_servers_on(&lab, k, "dns").is_some_and(|(_, m)| {
+                    m.values().filter(|s| s.0 == "up").count() == DNSMASQ.len()
+                })
+            });
+            let local = (0..2).all(|k| local_routes_in_force(&lab, k) == Some(true));
+            (up && local && lab.router(0).holds_egress_vip()).then_some(())
+        },
+    );
+    println!("RESULT dns_ready_s={:.2}", t_ready.as_secs_f64());
+    for k in 0..2 {
+        let routes = kernel_local_routes(&lab, k);
+        assert!(
+            routes.contains(&format!("local {CLUSTER_DNS} dev lo")),
+            "router {k}: {routes}"
+        );
+    }
+
+    let upstream = |lab: &Lab| -> u64 {
+        lab.gateways()
+            .iter()
+            .map(|g| lab::lab::counter_packets(&g.ns, "upstream").unwrap())
+            .sum()
+    };
+    let node_dns = |name: &str| lab::lab::counter_packets(lab.node(), name).unwrap();
+    let before = upstream(&lab);
+    // An Internet name: the resolver asks the Internet's DNS through a gateway.
+    for tcp in [false, true] {
+        let a = dig(&client, "ns1.lab.test", tcp)
+            .unwrap_or_else(|e| panic!("dig (tcp {tcp}): {e}\n{}", diag(&lab)));
+        assert_eq!(
+            a,
+            [topo::INTERNET_DNS],
+            "ns1.lab.test over tcp={tcp}\n{}",
+            diag(&lab)
+        );
+    }
+    let up = upstream(&lab) - before;
+    assert!(
+        up >= 2,
+        "the resolvers' upstream queries did not leave through a gateway ({up})"
+    );
+    // A cluster name: the resolver asks the cluster DNS out of its own eth0.
+    let resolvers_before = node_dns("resolvers");
+    for tcp in [false, true] {
+        let a = dig(&client, "kubernetes.default.svc.cluster.local", tcp).unwrap();
+        assert_eq!(
+            a,
+            [KUBERNETES_SVC],
+            "cluster.local over tcp={tcp}\n{}",
+            diag(&lab)
+        );
+    }
+    assert!(node_dns("resolvers") > resolvers_before);
+    assert_eq!(
+        node_dns("others"),
+        0,
+        "a DNS packet from a client reached the node's network"
+    );
+    println!(
+        "RESULT dns_upstream_via_gateways={up} dns_at_node_from_resolvers={} from_clients=0",
+        node_dns("resolvers")
+    );
+
+    // The routers' own lookups (their resolv.conf names the same IP): IPVS takes locally
+    // generated packets too, and the local route's source (the router's address on the VPN
+    // network) brings the resolver's answer back to it. Without that source the answer went
+    // to 10.33.0.10 itself and the lookup failed.
+    let routers_before = node_dns("routers");
+    for k in 0..2 {
+        let own = dig(&lab.router(k).ns, "ns1.lab.test", false);
+        assert_eq!(
+            own,
+            Ok(vec![topo::INTERNET_DNS]),
+            "router {k}'s own lookup of an Internet name"
+        );
+    }
+    assert_eq!(
+        node_dns("routers"),
+        routers_before,
+        "the routers' own lookups went to the cluster DNS, not through the VPN"
+    );
+    println!("RESULT router_own_lookups_via=resolvers");
+
+    // Deleted by hand on the master: repaired at the next resync.
+    lab.router(0)
+        .ns
+        .ip(&[
+            "route",
+            "del",
+            "local",
+            &CLUSTER_DNS.to_string(),
+            "dev",
+            "lo",
+            "table",
+            "local",
+        ])
+        .unwrap();
+    let (_, t_repair) = wait_for("the deleted local route to come back", &lab, || {
+        kernel_local_routes(&lab, 0)
+            .contains(&CLUSTER_DNS.to_string())
+            .then_some(())
+    });
+    println!(
+        "RESULT local_route_repaired_s={:.2}",
+        t_repair.as_secs_f64()
+    );
+
+    // A reload without the ingress section: its local route goes on both routers.
+    for r in lab.routers() {
+        r.rewrite_config(without_ingress).unwrap();
+        r.sighup();
+    }
+    wait_for("the local routes to go after the reload", &lab, || {
+        (0..2)
+            .all(|k| kernel_local_routes(&lab, k).trim().is_empty())
+            .then_some(())
+    });
+    assert_eq!(lab.leaked_packets().unwrap(), 0, "{}", lab.leaked_flows());
+    drop(resolvers);
+    let _ = std::fs::remove_dir_all(&dir);
 }

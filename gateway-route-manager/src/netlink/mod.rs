@@ -21,6 +21,7 @@ use netlink_packet_core::{
     DecodeError, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
     NetlinkSerializable, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST,
 };
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
@@ -101,8 +102,12 @@ pub enum RouteTarget {
     Nexthop(u32),
     Blackhole,
     Unreachable,
-    /// `local`: delivered to this host (scope host) through interface index `oif` (lo).
-    Local(u32),
+    /// `local`: delivered to this host (scope host) through interface index `oif` (lo), with
+    /// the source address `prefsrc` for the host's own packets to it.
+    Local {
+        oif: u32,
+        prefsrc: Option<Ipv4Addr>,
+    },
     /// Any other kind of route (gateway without nexthop object, multipath, local...).
     Other(String),
 }
@@ -275,6 +280,35 @@ impl RouteSocket {
             .ok_or_else(|| NetlinkError::NoSuchInterface {
                 name: name.to_owned(),
             })
+    }
+
+    /// The primary (not secondary) IPv4 addresses of interface `index`, in the kernel's order.
+    pub async fn primary_ipv4(&self, index: u32) -> Result<Vec<Ipv4Addr>, NetlinkError> {
+        let what = || format!("dumping the IPv4 addresses of interface {index}");
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        let answers = self
+            .request(
+                RtnlMessage::Route(RouteNetlinkMessage::GetAddress(msg)),
+                NLM_F_DUMP,
+                &what,
+            )
+            .await?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RtnlMessage::Route(RouteNetlinkMessage::NewAddress(a))
+                    if a.header.index == index
+                        && !a.header.flags.contains(AddressHeaderFlags::Secondary) =>
+                {
+                    a.attributes.iter().find_map(|at| match at {
+                        AddressAttribute::Local(IpAddr::V4(v)) => Some(*v),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .collect())
     }
 
     /// Every nexthop object (all families).
@@ -572,6 +606,7 @@ fn route_from_message(msg: &RouteMessage) -> Option<Route> {
     let mut metric = 0;
     let mut nh_id = None;
     let mut oif = 0;
+    let mut prefsrc = None;
     for attr in &msg.attributes {
         match attr {
             RouteAttribute::Table(t) => table = *t,
@@ -579,6 +614,7 @@ fn route_from_message(msg: &RouteMessage) -> Option<Route> {
             RouteAttribute::Priority(p) => metric = *p,
             RouteAttribute::NhId(id) => nh_id = Some(*id),
             RouteAttribute::Oif(i) => oif = *i,
+            RouteAttribute::PrefSource(RouteAddress::Inet(a)) => prefsrc = Some(*a),
             _ => {}
         }
     }
@@ -587,7 +623,7 @@ fn route_from_message(msg: &RouteMessage) -> Option<Route> {
         (RouteType::Unicast, Some(id)) => RouteTarget::Nexthop(id),
         (RouteType::BlackHole, _) => RouteTarget::Blackhole,
         (RouteType::Unreachable, _) => RouteTarget::Unreachable,
-        (RouteType::Local, None) => RouteTarget::Local(oif),
+        (RouteType::Local, None) => RouteTarget::Local { oif, prefsrc },
         (kind, _) => RouteTarget::Other(format!("{kind:?}")),
     };
     Some(Route {
@@ -604,7 +640,7 @@ fn route_type(target: &RouteTarget) -> Option<RouteType> {
         RouteTarget::Nexthop(_) => Some(RouteType::Unicast),
         RouteTarget::Blackhole => Some(RouteType::BlackHole),
         RouteTarget::Unreachable => Some(RouteType::Unreachable),
-        RouteTarget::Local(_) => Some(RouteType::Local),
+        RouteTarget::Local { .. } => Some(RouteType::Local),
         RouteTarget::Other(_) => None,
     }
 }
@@ -619,7 +655,7 @@ fn route_key_message(route: &Route) -> RouteMessage {
     msg.header.protocol = RouteProtocol::from(route.protocol);
     // The kernel matches a deletion on scope too: a local route is scope host.
     msg.header.scope = match route.target {
-        RouteTarget::Local(_) => RouteScope::Host,
+        RouteTarget::Local { .. } => RouteScope::Host,
         _ => RouteScope::Universe,
     };
     msg.attributes.push(RouteAttribute::Table(route.table));
@@ -638,7 +674,13 @@ fn route_to_message(route: &Route) -> Option<RouteMessage> {
     msg.header.kind = route_type(&route.target)?;
     match route.target {
         RouteTarget::Nexthop(id) => msg.attributes.push(RouteAttribute::NhId(id)),
-        RouteTarget::Local(oif) => msg.attributes.push(RouteAttribute::Oif(oif)),
+        RouteTarget::Local { oif, prefsrc } => {
+            msg.attributes.push(RouteAttribute::Oif(oif));
+            if let Some(a) = prefsrc {
+                msg.attributes
+                    .push(RouteAttribute::PrefSource(RouteAddress::Inet(a)));
+            }
+        }
         _ => {}
     }
     Some(msg)

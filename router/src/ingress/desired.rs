@@ -56,6 +56,8 @@ pub struct IngressPlan {
     pub also_owned: BTreeSet<IpAddr>,
     /// Addresses of `local_route: true` virtual servers: every router routes them to itself.
     pub local_routes: BTreeSet<Ipv4Addr>,
+    /// Whose address is the local routes' source (`gateways.interface`).
+    pub local_src_interface: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -201,6 +203,7 @@ pub fn plan(ingress: &Ingress, gateways: Option<&Gateways>) -> Result<IngressPla
         virtual_servers,
         also_owned,
         local_routes,
+        local_src_interface: gateways.map(|g| g.interface.clone()),
     })
 }
 

@@ -62,6 +62,7 @@ pub fn start(
     let (local_tx, local_rx) = watch::channel(LocalRoutesStatus::default());
     tasks.push(tokio::spawn(local_routes_loop(
         plan.local_routes.clone(),
+        plan.local_src_interface.clone(),
         settings.resync,
         local_tx,
         metrics.clone(),
@@ -91,6 +92,7 @@ pub struct LocalRouteStatus {
 /// every `resync` (repairs a route deleted by hand).
 async fn local_routes_loop(
     wanted: BTreeSet<Ipv4Addr>,
+    src_interface: Option<String>,
     resync: Duration,
     status: watch::Sender<LocalRoutesStatus>,
     metrics: IngressMetrics,
@@ -103,7 +105,12 @@ async fn local_routes_loop(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let (in_force, last_error) = match grm::local_routes::sync(&wanted).await {
+        let (in_force, last_error) = match grm::local_routes::sync(
+            &wanted,
+            src_interface.as_deref(),
+        )
+        .await
+        {
             Ok(r) => {
                 for a in &r.added {
                     tracing::info!(address = %a, "ingress: local route added (table local): the router accepts this address for its virtual servers");
@@ -280,7 +287,7 @@ struct LastPass {
 /// the `ingress` section was removed from the config, and what it built must not outlive it.
 /// Services on other addresses are not touched.
 pub async fn withdraw(owned: BTreeSet<IpAddr>, metrics: IngressMetrics, cancel: CancellationToken) {
-    match grm::local_routes::sync(&BTreeSet::new()).await {
+    match grm::local_routes::sync(&BTreeSet::new(), None).await {
         Ok(r) if !r.deleted.is_empty() => {
             tracing::info!(deleted = ?r.deleted, "ingress removed from the config: its local routes are deleted");
         }
