@@ -152,6 +152,12 @@ impl EgressManager {
         let desired = plan(&self.settings, healthy, oif);
         let changes = diff(&desired, &self.owned(), &kernel);
         let result = self.apply(changes).await;
+        if result.is_ok() {
+            // Every planned change is in, the kill-switch routes with them (a missing
+            // interface leaves them in place: they name no device).
+            self.kill_switch
+                .send_if_modified(|k| !std::mem::replace(k, true));
+        }
         match (result, link_error) {
             (Ok(report), None) => {
                 self.ready.send_replace(true);
@@ -213,6 +219,9 @@ impl EgressManager {
                     tracing::warn!(change = %text, error = %e, "egress: kernel refused a change");
                     if matches!(&change, Change::SetRoute(r) if r.is_kill_switch()) {
                         kill_switch_failed = true;
+                        // The VRRP instances give up their VIPs until a pass puts it back.
+                        self.kill_switch
+                            .send_if_modified(|k| std::mem::replace(k, false));
                     }
                     errors.push(e);
                 }

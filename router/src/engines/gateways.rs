@@ -56,7 +56,7 @@ pub(super) fn start(
         .map_err(|e| format!("gateways.health: {e}"))?;
     let checker = checker.with_probe_routes(probe_routes);
     let status_rx = checker.status();
-    tasks.push(tokio::spawn(forward(
+    tasks.push(tokio::spawn(forward_kill_switch(
         manager.kill_switch_in_force(),
         kill_switch_out.clone(),
         cancel.clone(),
@@ -131,6 +131,23 @@ async fn forward<T: Clone + PartialEq + Send + Sync + 'static>(
             r = from.changed() => if r.is_err() { return },
         }
     }
+}
+
+/// Mirrors the egress manager's kill-switch state onto the daemon's, from the manager's first
+/// `true` on: a manager restarted by a reload starts at `false` until its bootstrap read the
+/// kill switch back, which the kernel still holds from the old one, and the VRRP instances must
+/// not hand their VIPs over for that. A `false` after that (a kill-switch write the kernel
+/// refused) is passed on.
+async fn forward_kill_switch(
+    mut from: watch::Receiver<bool>,
+    to: watch::Sender<bool>,
+    cancel: CancellationToken,
+) {
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        r = from.wait_for(|k| *k) => if r.is_err() { return },
+    }
+    forward(from, to, cancel).await;
 }
 
 /// Mirrors the health checker's and egress manager's state onto the status board.
@@ -321,5 +338,35 @@ mod tests {
         let g = gateways("gateways:\n  interface: gw0\n  addresses: [192.168.25.128]\n");
         assert!(return_routing_settings(&g).consistent.is_none());
         assert_eq!(egress_settings(&g).mode, grm::egress::EgressMode::Ecmp);
+    }
+
+    /// A restarted engine's manager starts at false: the daemon's kill switch stays true (the
+    /// kernel still has it) until the manager says true, and follows it from then on.
+    #[tokio::test]
+    async fn a_restarted_managers_initial_false_is_not_passed_on() {
+        let (manager, from) = watch::channel(false);
+        let (to, mut daemon) = watch::channel(true);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(forward_kill_switch(from, to, cancel.clone()));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(
+            *daemon.borrow_and_update(),
+            "the initial false was passed on"
+        );
+        manager.send_replace(true);
+        // (a watch keeps the latest value only: the forwarder must see the true first)
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        manager.send_replace(false);
+        tokio::time::timeout(std::time::Duration::from_secs(5), daemon.wait_for(|k| !*k))
+            .await
+            .expect("a false after the first true is passed on")
+            .unwrap();
+        manager.send_replace(true);
+        tokio::time::timeout(std::time::Duration::from_secs(5), daemon.wait_for(|k| *k))
+            .await
+            .expect("and the true after it")
+            .unwrap();
+        cancel.cancel();
+        task.await.unwrap();
     }
 }

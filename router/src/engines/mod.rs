@@ -184,6 +184,10 @@ impl Engines {
         )
         .await;
         self.gateways_config = config.gateways.clone();
+        if config.gateways.is_some() && self.failed.contains("gateways") {
+            // Nothing keeps the kill switch: the VRRP instances stay out until a retry works.
+            self.publishers.kill_switch.send_replace(false);
+        }
         if config.gateways.is_none() {
             self.publishers
                 .healthy

@@ -361,21 +361,9 @@ async fn instance_task(
     // No VMAC, no advert, no VIP before the egress kill switch is in the kernel: a backup's
     // VMAC already receives client frames the switch floods, and would route them by the main
     // table, out of the pod's own network.
-    if !*kill_switch.borrow_and_update() {
-        view.setup_error(
-            &name,
-            "waiting for the egress kill switch (gateways.egress) to be in the kernel before taking part in VRRP".into(),
-        );
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                view.remove(&name);
-                return;
-            }
-            r = kill_switch.wait_for(|k| *k) => if r.is_err() {
-                view.remove(&name);
-                return;
-            },
-        }
+    if !wait_for_kill_switch(&mut kill_switch, &cancel, &view, &name).await {
+        view.remove(&name);
+        return;
     }
     let mut last_complete = None;
     loop {
@@ -385,9 +373,13 @@ async fn instance_task(
             &mut last_complete,
         ));
         let (status_tx, mut status_rx) = watch::channel(InstanceStatus::new(&name));
+        // The instance's own stop: the daemon's, or the kill switch lost while it runs.
+        let run = cancel.child_token();
+        let mut lost_kill_switch = false;
+        let mut kill_switch_gone = false;
         let handles = ::vrrp::RunHandles {
             healthy: count_rx,
-            shutdown: cancel.clone(),
+            shutdown: run.clone(),
             status: status_tx,
             metrics: metrics.clone(),
             reload: Some(reload.clone()),
@@ -409,11 +401,27 @@ async fn instance_task(
                         let n = tracked_count(&healthy.borrow_and_update(), &mut last_complete);
                         count_tx.send_if_modified(|c| std::mem::replace(c, n) != n);
                     }
+                    r = kill_switch.wait_for(|k| !*k), if !lost_kill_switch && !kill_switch_gone => {
+                        if r.is_ok() {
+                            // What a stop does: a master sends priority 0 (the backup takes
+                            // over at once) and drops its VIPs and VMAC.
+                            tracing::error!(instance = %name, "the egress kill switch is no longer in the kernel: giving up the VIPs until it is");
+                            lost_kill_switch = true;
+                            run.cancel();
+                        } else {
+                            kill_switch_gone = true;
+                        }
+                    }
                 }
             },
         };
         view.update(&name, status_rx.borrow().clone(), None);
         match result {
+            Ok(()) if lost_kill_switch && !cancel.is_cancelled() => {
+                if !wait_for_kill_switch(&mut kill_switch, &cancel, &view, &name).await {
+                    break;
+                }
+            }
             Ok(()) => break,
             Err(e) => {
                 tracing::error!(instance = %name, error = %e, retry_in = ?SETUP_RETRY, "VRRP instance cannot start");
@@ -427,6 +435,27 @@ async fn instance_task(
     }
     view.remove(&name);
     metrics.remove_instance(&name);
+}
+
+/// Until the egress kill switch is in the kernel: says so in `/status` and waits. False when
+/// the daemon stops first.
+async fn wait_for_kill_switch(
+    kill_switch: &mut watch::Receiver<bool>,
+    cancel: &CancellationToken,
+    view: &View,
+    name: &str,
+) -> bool {
+    if *kill_switch.borrow_and_update() {
+        return true;
+    }
+    view.setup_error(
+        name,
+        "waiting for the egress kill switch (gateways.egress) to be in the kernel before taking part in VRRP".into(),
+    );
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        r = kill_switch.wait_for(|k| *k) => r.is_ok(),
+    }
 }
 
 /// Removes VIPs a restarted instance no longer holds (see [`Restart::Adopt`]).
@@ -702,5 +731,125 @@ gateways:
         assert_eq!(tracked_count(&none, &mut last), 0);
         // The gateways engine restarted (reload): still 0 until it knows again.
         assert_eq!(tracked_count(&unknown, &mut last), 0);
+    }
+
+    /// Runs `f` on a thread inside a fresh network namespace (removed afterwards), on a
+    /// current-thread runtime. Root only, like the namespace tier.
+    fn in_netns<F, Fut>(tag: &str, f: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let name = format!("vr-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let path = format!("/run/netns/{name}");
+        let result = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap();
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f());
+        })
+        .join();
+        ip(&["netns", "del", &name]);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+    }
+
+    /// The kill switch gates mastership for as long as the instance runs, not only at start:
+    /// lost, the master hands its VIP over (a stop's priority-0 advert) and waits, saying why
+    /// in /status; back, it takes part again.
+    #[test]
+    fn losing_the_kill_switch_gives_the_vips_up_until_it_is_back() {
+        in_netns("ks", || async {
+            let sh = |cmd: &str| {
+                let out = std::process::Command::new("sh")
+                    .args(["-c", cmd])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{cmd}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            sh("ip link add ks0 type veth peer name ks1 && ip link set ks0 up && ip link set ks1 up && ip addr add 192.0.2.1/24 dev ks0");
+            let c = load("vrrp:\n  - { name: r, interface: ks0, vrid: 77, advert_interval: 50ms, vmac: false, virtual_ips: [192.0.2.254/24] }\n");
+            let config = instance_configs(&c).remove(0);
+            let (roles_tx, roles) = watch::channel(Roles::new());
+            let metrics = ::vrrp::VrrpMetrics::new();
+            let view = Arc::new(View {
+                metrics: metrics.clone(),
+                board: StatusBoard::new("t.yaml".into(), 0.0),
+                roles: roles_tx,
+                entries: Mutex::new(BTreeMap::new()),
+            });
+            let (_reload, reload_rx) = watch::channel(config);
+            let (kill_switch, kill_switch_rx) = watch::channel(true);
+            let (_healthy, healthy_rx) = watch::channel(grm::HealthyGateways::default());
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(instance_task(
+                None,
+                reload_rx,
+                kill_switch_rx,
+                healthy_rx,
+                metrics,
+                cancel.clone(),
+                view.clone(),
+            ));
+            let within = Duration::from_secs(10);
+            let role_is = |want: ::vrrp::State| {
+                let r = roles.clone();
+                async move {
+                    let mut r = r;
+                    tokio::time::timeout(within, r.wait_for(|m| m.get("r") == Some(&want)))
+                        .await
+                        .unwrap_or_else(|_| panic!("instance never {want:?}"))
+                        .unwrap();
+                }
+            };
+            let holds = || sh("ip -4 -o addr show dev ks0").contains("192.0.2.254/24");
+            role_is(::vrrp::State::Master).await;
+            assert!(holds(), "master without its VIP");
+
+            kill_switch.send_replace(false);
+            role_is(::vrrp::State::Initialize).await;
+            assert!(!holds(), "the VIP stayed without the kill switch");
+            let says_why = || {
+                view.entries.lock().unwrap()["r"]
+                    .setup_error
+                    .as_ref()
+                    .is_some_and(|w| w.contains("kill switch"))
+            };
+            let deadline = tokio::time::Instant::now() + within;
+            while !says_why() {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "/status does not say why"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+
+            kill_switch.send_replace(true);
+            role_is(::vrrp::State::Master).await;
+            assert!(holds(), "master again, VIP back");
+            cancel.cancel();
+            task.await.unwrap();
+        });
     }
 }
