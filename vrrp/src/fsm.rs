@@ -191,6 +191,9 @@ pub enum Discard {
     UnknownPeer,
     /// Its Max Adver Int is above `max_peer_advert_interval`.
     IntervalTooLong,
+    /// Its Max Adver Int is 0 (VRRPv3): no sender configures that, and §6.4.2 would make
+    /// Master_Down_Interval 0, so every backup would take over at once after each one.
+    IntervalZero,
 }
 
 impl Discard {
@@ -199,6 +202,7 @@ impl Discard {
         match self {
             Discard::UnknownPeer => "unknown_peer",
             Discard::IntervalTooLong => "interval_too_long",
+            Discard::IntervalZero => "interval_zero",
         }
     }
 }
@@ -555,6 +559,12 @@ impl Fsm {
         if interval > self.config.max_peer_advert_interval {
             out.push(Action::DiscardAdvert {
                 reason: Discard::IntervalTooLong,
+            });
+            return;
+        }
+        if interval.is_zero() {
+            out.push(Action::DiscardAdvert {
+                reason: Discard::IntervalZero,
             });
             return;
         }

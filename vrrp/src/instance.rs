@@ -857,6 +857,9 @@ impl Runner {
                 humantime::format_duration(interval),
                 humantime::format_duration(max)
             ),
+            Discard::IntervalZero => "its Max Adver Int is 0, which no VRRP sender configures; \
+                 taken, it would make every backup take over at once"
+                .to_owned(),
         };
         let name = &self.cfg.name;
         if self.warned_discards.insert(reason.as_str()) {

@@ -41,7 +41,7 @@ pub struct ReasonLabels {
 
 /// Reasons counted besides the decoder's: the state machine's screening (`fsm::Discard`;
 /// `unknown_peer` also for a packet from outside `unicast_peers`, dropped before decoding).
-pub const EXTRA_INVALID_REASONS: [&str; 2] = ["unknown_peer", "interval_too_long"];
+pub const EXTRA_INVALID_REASONS: [&str; 3] = ["unknown_peer", "interval_too_long", "interval_zero"];
 
 /// All VRRP metrics. Cloning shares the underlying series.
 #[derive(Debug, Clone, Default)]
@@ -196,7 +196,11 @@ mod tests {
     #[test]
     fn every_discard_reason_has_a_series_from_the_start() {
         use crate::fsm::Discard;
-        for d in [Discard::UnknownPeer, Discard::IntervalTooLong] {
+        for d in [
+            Discard::UnknownPeer,
+            Discard::IntervalTooLong,
+            Discard::IntervalZero,
+        ] {
             assert!(
                 EXTRA_INVALID_REASONS.contains(&d.as_str()),
                 "{} is not created in advance",

@@ -458,6 +458,15 @@ fn ipv6_vip_elects_and_fails_over() {
 /// 192.168.28.3: not a router), built with the crate's own encoder and sent through its own
 /// socket — what any host on the segment can send, VRRPv3 having no authentication.
 fn send_forged_advert(ns: &str, priority: u8, max_adver_int: Duration) {
+    send_forged_advert_field(
+        ns,
+        priority,
+        vrrp::packet::Advertisement::adver_int_field(Version::V3, max_adver_int),
+    );
+}
+
+/// [`send_forged_advert`] with the Max Adver Int field as on the wire (centiseconds; 0 too).
+fn send_forged_advert_field(ns: &str, priority: u8, adver_int: u16) {
     use vrrp::network::{SocketParams, VrrpSocket};
     use vrrp::packet::{Advertisement, Family, MULTICAST_V4};
     let ns = ns.to_string();
@@ -480,7 +489,7 @@ fn send_forged_advert(ns: &str, priority: u8, max_adver_int: Duration) {
                 version: Version::V3,
                 vrid: 51,
                 priority,
-                adver_int: Advertisement::adver_int_field(Version::V3, max_adver_int),
+                adver_int,
                 addresses: vec!["192.168.28.254".parse().unwrap()],
             };
             let dst = IpAddr::V4(MULTICAST_V4);
@@ -649,6 +658,33 @@ fn forged_long_interval_advert_is_discarded_and_the_worst_case_is_bounded() {
     assert!(u.longest < bound * 4 + Duration::from_secs(2), "{u:?}");
     a.wait_state(State::Master, Duration::from_secs(2));
     assert!(has_vip(&lab.ns("a"), "192.168.28.254"));
+}
+
+/// A Max Adver Int of 0, which no sender configures: taken as §6.4.2 says, it would make
+/// Master_Down_Interval 0 and every backup take over at once (a stream of them: masters
+/// flapping). Discarded and counted as `interval_zero`, it changes nothing.
+#[test]
+fn forged_zero_interval_advert_is_discarded() {
+    let (lab, a, b) = forged_lab(|_| {});
+    let transitions = (a.status().transitions, b.status().transitions);
+    for _ in 0..5 {
+        send_forged_advert_field(&lab.ns("c"), 255, 0);
+    }
+    let u = watch_vip(&[&a, &b], Duration::from_millis(1000), false);
+    assert_eq!(u.longest, Duration::ZERO, "{u:?}");
+    assert_eq!((a.state(), b.state()), (State::Master, State::Backup));
+    assert_eq!(
+        (a.status().transitions, b.status().transitions),
+        transitions,
+        "a: {:?}, b: {:?}",
+        a.status(),
+        b.status()
+    );
+    for o in [&a, &b] {
+        // Heard once or twice each (the parent's socket and the VMAC's, as above).
+        let n = invalid_count(o, "interval_zero");
+        assert!((5..=10).contains(&n), "{n}: {:?}", o.status());
+    }
 }
 
 /// allowed_peers: a forged advert from a host that is not a peer changes nothing at all,
