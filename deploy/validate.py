@@ -12,8 +12,12 @@ kubernetes-validate knows only core Kubernetes kinds. This script:
 4. checks references between objects (Multus annotations, selectors, volumes, ports);
 5. checks the router Deployment against the router config: interfaces, sysctls
    (router/src/sysctl.rs), ports, gateway addresses, and the issue's requirements
-   (capabilities, probes, rolling update, anti-affinity, PDB);
-6. writes the router config, its secrets and the embedded shell scripts to OUT_DIR so that
+   (capabilities, probes, rolling update, anti-affinity, PDB), and that every attachment's
+   range holds its workloads' replicas plus their rolling update's surge;
+6. checks the DNS path of a `local_route` virtual server (the cluster DNS service IP served by
+   resolver pods): the client attachments' /32 route to it, the resolver attachment's routes
+   and the CoreDNS Corefile (docs/operations.md#dns-through-the-vpn-resolver-pods);
+7. writes the router config, its secrets and the embedded shell scripts to OUT_DIR so that
    validate.sh can run `vpn-router check-config` and shellcheck on them.
 
 It also reads the image recipe (deploy/Dockerfile): entrypoint, nft, exposed port, and with
@@ -285,6 +289,29 @@ class Nad:
 
     def pool(self):
         return [ipaddress.ip_address(a) for a in range(int(self.start), int(self.end) + 1)]
+
+    def ipam_routes(self):
+        """[(destination, next hop)] of the ipam routes, as the bridge plugin installs them: via
+        the route's own `gw`, else the ipam `gateway`, else on-link (None). Routes check_nad
+        refused are left out."""
+        out = []
+        for r in self.cfg["ipam"].get("routes") or []:
+            try:
+                gw = ipaddress.ip_address(r["gw"]) if "gw" in r else self.gateway
+                out.append((ipaddress.ip_network(r["dst"]), gw))
+            except (KeyError, TypeError, ValueError):
+                continue
+        return out
+
+    def next_hop(self, addr):
+        """Where a pod of this attachment sends `addr`: the next hop of the longest matching
+        ipam route; None when that is the attachment's own subnet (on-link, which wins a tie) or
+        when nothing matches (the pod's primary network)."""
+        best, hop = (self.network.prefixlen, None) if addr in self.network else (-1, None)
+        for net, gw in self.ipam_routes():
+            if addr in net and net.prefixlen > best:
+                best, hop = net.prefixlen, gw
+        return hop
 
 
 TUNING_KEYS = {"type", "name", "cniVersion", "sysctl"}
@@ -613,10 +640,14 @@ def check_pod_security(objs):
 # ---------------------------------------------------------------------------------------------
 # the router: its Deployment against its config
 
+def vpn_router_binary():
+    return os.environ.get("VPN_ROUTER_BIN") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "debug", "vpn-router")
+
+
 def config_presets(config_path, env):
     """What `vpn-router check-config --sysctls` says a pod must preset for the config: the
     daemon's own list (router/src/sysctl.rs, vrrp/src/vip.rs), never a copy kept here."""
-    binary = os.environ.get("VPN_ROUTER_BIN") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "debug", "vpn-router")
+    binary = vpn_router_binary()
     try:
         out = subprocess.run([binary, "check-config", "--sysctls", config_path], capture_output=True,
                              text=True, env={**os.environ, **env}, check=False, timeout=30)
@@ -629,17 +660,14 @@ def config_presets(config_path, env):
     return json.loads(out.stdout)["sysctls"]
 
 
-def check_nad_routes(where, gw, nads, vips):
-    """Every attachment whose ipam gateway is a VIP of the routers carries exactly the routes
-    `vpn-router nad-routes` prints for the router config's exclusions (the daemon's own
-    reserved list, never a copy kept here). What the router keeps off the VPN must not reach
-    it: it would route that by its main table, out of the router pod's own network. The
-    clients' primary network carries it instead; their own subnet stays on-link."""
+def egress_route_args(where, gw):
+    """The `vpn-router nad-routes` arguments for what the router config's gateways.egress keeps
+    off the VPN, or None (with the error) when client routes cannot be derived from it."""
     egress = gw.get("egress") or {}
     dests = [str(d) for d in egress.get("destinations", ["0.0.0.0/0"])]
     if dests != ["0.0.0.0/0"]:
         err(where, f"gateways.egress.destinations {dests}: the client attachments' routes (vpn-router nad-routes) cover 0.0.0.0/0 minus the excludes, so the router would get traffic outside destinations; keep the default [0.0.0.0/0] or extend nad-routes")
-        return
+        return None
     args = []
     exclude = [str(e) for e in egress.get("exclude") or []]
     if exclude:
@@ -649,18 +677,43 @@ def check_nad_routes(where, gw, nads, vips):
         args.append("--exclude-reserved")
     if not args:
         err(where, "gateways.egress excludes nothing: the clients would send the cluster's own addresses (DNS, services) to the VPN; set gateways.egress.exclude")
-        return
-    binary = os.environ.get("VPN_ROUTER_BIN") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target", "debug", "vpn-router")
+        return None
+    return args
+
+
+def nad_routes(where, args):
+    """(`vpn-router nad-routes ARGS` as text, the routes it prints), or None (error reported)."""
+    binary = vpn_router_binary()
     cmd = "vpn-router nad-routes " + " ".join(args)
     try:
         out = subprocess.run([binary, "nad-routes", *args], capture_output=True, text=True, check=False, timeout=30)
     except OSError as e:
         err("deploy", f"cannot run {binary} nad-routes: {e} (cargo build --bin vpn-router)")
-        return
+        return None
     if out.returncode != 0:
         err(where, f"`{cmd}` failed: {out.stderr.strip()}")
+        return None
+    return cmd, json.loads(out.stdout)["routes"]
+
+
+def check_nad_routes(where, gw, nads, vips, local_addrs):
+    """Every attachment whose ipam gateway is a VIP of the routers carries exactly the routes
+    `vpn-router nad-routes` prints for the router config's exclusions (the daemon's own
+    reserved list, never a copy kept here), plus a /32 for each address a `local_route` virtual
+    server serves (--extra: the cluster DNS service IP, which the clients must send to the
+    router although it is in the intranet). What the router keeps off the VPN must not reach
+    it: it would route that by its main table, out of the router pod's own network. The
+    clients' primary network carries it instead; their own subnet stays on-link."""
+    args = egress_route_args(where, gw)
+    if args is None:
         return
-    want = json.loads(out.stdout)["routes"]
+    if local_addrs:
+        args += ["--extra", ",".join(f"{a}/32" for a in local_addrs)]
+    res = nad_routes(where, args)
+    if res is None:
+        return
+    cmd, want = res
+    source = "the router config's gateways.egress exclusions" + (" and its local_route addresses" if local_addrs else "")
     for n in sorted(nads.values(), key=lambda n: n.obj.name):
         if n.gateway is None or n.gateway not in vips:
             continue
@@ -676,7 +729,231 @@ def check_nad_routes(where, gw, nads, vips):
             f"not expected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}" if extra else "",
             "same routes in another order" if not missing and not extra else "",
         ) if part)
-        err(n.obj.where(), f"ipam routes differ from `{cmd}` (the router config's gateways.egress exclusions; {len(got)} routes, expected {len(want)}: {why}); regenerate them with `{cmd}` (docs/operations.md#client-routes-for-your-intranet)")
+        err(n.obj.where(), f"ipam routes differ from `{cmd}` ({source}; {len(got)} routes, expected {len(want)}: {why}); regenerate them with `{cmd}` (docs/operations.md#client-routes-for-your-intranet)")
+
+
+# ---------------------------------------------------------------------------------------------
+# DNS through the VPN: a `local_route` virtual server (the cluster DNS service IP, taken as local
+# by every router) whose real servers are resolver pods on the VPN network
+
+CLUSTER_DOMAIN = "cluster.local"
+DNS_DOC = "docs/operations.md#dns-through-the-vpn-resolver-pods"
+
+
+def local_route_servers(cfg):
+    """The ingress virtual servers with `local_route: true`, with their addresses and real
+    servers parsed."""
+    out = []
+    for vs in (cfg.get("ingress") or {}).get("virtual_servers") or []:
+        if vs.get("local_route") is not True or not isinstance(vs.get("addresses"), list):
+            continue
+        try:
+            addrs = [ipaddress.ip_address(str(a)) for a in vs["addresses"]]
+            nets = [ipaddress.ip_network(str(r), strict=False) for r in vs.get("real_servers") or []]
+        except ValueError:
+            continue  # check-config names it
+        out.append((vs, addrs, nets))
+    return out
+
+
+def address_runs(addrs):
+    """'a-b, c' for a sorted list of addresses: the contiguous runs."""
+    runs = []
+    for a in addrs:
+        if runs and int(a) == int(runs[-1][1]) + 1:
+            runs[-1][1] = a
+        else:
+            runs.append([a, a])
+    return ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
+def check_resolver_nads(router_where, gw, nads, vips, servers):
+    """The attachment of a local_route virtual server's real servers (the resolver pods):
+    inside the real servers; the Internet and every client range via an egress VIP, so that
+    upstream queries leave through the gateways and answers go back through the router's IPVS
+    (NAT mode) to get the virtual address as their source again; never the virtual address or
+    the intranet via a VIP (the resolver reaches the cluster DNS on its own network: via the
+    router it would come back into the virtual server, a loop), nor any pod that is no client;
+    and no ICMP redirects, which would send the answers on-link again."""
+    if not vips:
+        return  # no egress VIP: nothing routes through the router (check-config warns)
+    clients = sorted((n for n in nads.values() if n.gateway in vips), key=lambda n: n.obj.name)
+    exclude = []
+    for e in (gw.get("egress") or {}).get("exclude") or []:
+        try:
+            exclude.append(ipaddress.ip_network(str(e)))
+        except ValueError:
+            pass  # check-config names it
+    internet = None
+    for vs, addrs, nets in servers:
+        name = vs.get("name")
+        for r in sorted(nads.values(), key=lambda n: n.obj.name):
+            pool = r.pool()
+            if not any(a in net for a in pool for net in nets):
+                continue
+            where = r.obj.where()
+            outside = [a for a in pool if not any(a in net for net in nets)]
+            if outside:
+                err(where, f"allocates {address_runs(outside)}, outside the real_servers of virtual server {name}: a resolver there gets no query")
+            for c in clients:
+                uncovered = [a for a in c.pool() if r.next_hop(a) not in vips]
+                if uncovered:
+                    err(where, f"does not route {address_runs(uncovered)} ({c.obj.name}) via the egress VIP: virtual server {name} is IPVS NAT, so a resolver must answer those clients through the router (which gives the answer {', '.join(map(str, addrs))} as its source again); on-link it answers from its own address and the client drops it. Add a route for that range with \"gw\": \"{vips[0]}\" ({DNS_DOC})")
+            for a in addrs:
+                if r.next_hop(a) in vips:
+                    err(where, f"routes {a} via the egress VIP: the resolvers' own queries to it would come back into the router's virtual server {name} (local_route), a loop; leave it to the pod's own network ({DNS_DOC})")
+            for net, hop in r.ipam_routes():
+                for e in exclude:
+                    if hop in vips and net.overlaps(e):
+                        err(where, f"routes {net} via the egress VIP, inside {e} that the router keeps off the VPN (gateways.egress.exclude): the resolvers reach the cluster DNS and the intranet on the pod's own network")
+            for n in sorted(nads.values(), key=lambda n: n.obj.name):
+                if n.network != r.network or n.gateway in vips:
+                    continue
+                hit = next((a for a in n.pool() if r.next_hop(a) in vips), None)
+                if hit is not None:
+                    err(where, f"routes {hit} ({n.obj.name}) via the egress VIP: only client ranges belong there; the routers' checks, the gateways and the resolvers are answered on-link")
+            if internet is None:
+                args = egress_route_args(router_where, gw)  # its errors are check_nad_routes' too
+                internet = nad_routes(router_where, args) if args is not None else None
+                internet = internet or ("", [])
+            cmd, routes = internet
+            have = {(str(net), hop) for net, hop in r.ipam_routes() if hop in vips}
+            missing = [x["dst"] for x in routes if not any((x["dst"], v) in have for v in vips)]
+            if missing:
+                err(where, f"does not route {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} via the egress VIP: the resolvers' queries to public resolvers there would leave through the pod's own network, outside the VPN; its routes must hold `{cmd} --via {vips[0]}` ({DNS_DOC})")
+            redirects = {k: r.tuning.get(k) for k in ("net.ipv4.conf.all.accept_redirects", "net.ipv4.conf.IFNAME.accept_redirects")}
+            if any(v != "0" for v in redirects.values()):
+                have = ", ".join(f"{k}={v or '(unset)'}" for k, v in redirects.items())
+                err(where, f"accepts ICMP redirects (tuning plugin: {have}; set both to \"0\"): a router's redirect would make a resolver answer clients on-link, from its own address")
+
+
+def corefile_blocks(text):
+    """The server blocks of a Corefile: [(keys, [[plugin, args...], ...])]. Only each block's
+    top-level plugins; a plugin's own `{ ... }` options are skipped."""
+    blocks, keys, depth = [], [], 0
+    for line in text.splitlines():
+        directive = None
+        for w in line.split("#", 1)[0].replace("{", " { ").replace("}", " } ").split():
+            if w == "{":
+                if depth == 0:
+                    blocks.append((keys, []))
+                    keys = []
+                depth += 1
+            elif w == "}":
+                depth -= 1
+            elif depth == 0:
+                keys += [k for k in w.split(",") if k]
+            elif depth == 1:
+                if directive is None:
+                    directive = [w]
+                    blocks[-1][1].append(directive)
+                else:
+                    directive.append(w)
+    return blocks
+
+
+def zone_port(key):
+    """`dns://zone:port` of a server block key, as (zone, port); port 53 when not given."""
+    key = key.split("://", 1)[-1]
+    zone, sep, port = key.rpartition(":")
+    if not sep or not port.isdigit():
+        zone, port = key, "53"
+    zone = zone.lower().rstrip(".") or "."
+    return zone, int(port)
+
+
+def upstream_address(to):
+    """The address of a forward TO (`1.1.1.1`, `dns://1.1.1.1:53`, `tls://[2606::1]`), or None."""
+    host = to.split("://", 1)[-1]
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def check_resolver_pods(objs, nads, vips, servers):
+    """CoreDNS pods serving a local_route virtual server: their Corefile listens on its
+    real_port, forwards cluster.local (and the other internal zones) to the cluster DNS the
+    virtual server stands for, on an address the pod's attachment does not send to the VIP (the
+    loop again), and everything else to upstreams it does send to the VIP (through the VPN)."""
+    for o in objs:
+        for c in containers(o, init=False):
+            if "/coredns:" not in str(c.get("image", "")):
+                continue
+            where = o.where()
+            attached = [nads[(ns, name)] for ns, name, _ in multus(o) if (ns, name) in nads]
+            served = [(vs, addrs) for vs, addrs, nets in servers
+                      if any(a in net for n in attached for a in n.pool() for net in nets)]
+            if not served:
+                continue
+            args = list(c.get("args") or [])
+            path = args[args.index("-conf") + 1] if "-conf" in args[:-1] else "/Corefile"
+            text = mounted_file(objs, o, c, path)
+            if text is None:
+                err(where, f"{c['name']}: the Corefile {path} comes from no ConfigMap volume (validate.py checks it)")
+                continue
+            blocks = corefile_blocks(text)
+            zones = {}
+            for keys, plugins in blocks:
+                for key in keys:
+                    zone, port = zone_port(key)
+                    zones.setdefault(zone, []).append(plugins)
+                    for vs, _ in served:
+                        want = vs.get("real_port", vs.get("port"))
+                        if port != want:
+                            err(where, f"Corefile: server block {key} listens on port {port}, but virtual server {vs.get('name')} sends the queries to port {want} (real_port)")
+            if CLUSTER_DOMAIN not in zones:
+                err(where, f"Corefile: no server block for {CLUSTER_DOMAIN}: the clients' cluster names would go to the public resolvers")
+            local = sorted({a for _, addrs in served for a in addrs})
+            for zone, lists in sorted(zones.items()):
+                internal = zone == CLUSTER_DOMAIN or zone.endswith(".arpa") or "/" in zone
+                for plugins in lists:
+                    for p in plugins:
+                        if p[0] != "forward" or len(p) < 3:
+                            continue
+                        for to in p[2:]:
+                            a = upstream_address(to)
+                            if a is None:
+                                err(where, f"Corefile: {zone} forwards to {to}, not an address: validate.py cannot tell where its queries go (a resolv.conf is the node's resolvers, outside the VPN)")
+                                continue
+                            via = [n.obj.name for n in attached if n.next_hop(a) in vips]
+                            if internal and via and a in local:
+                                err(where, f"Corefile: {zone} forwards to {a}, which {', '.join(via)} sends to the egress VIP: the router's virtual server would send the resolver's own query back to a resolver, a loop; the cluster DNS must be reached on the pod's own network ({DNS_DOC})")
+                            elif internal and via:
+                                err(where, f"Corefile: {zone} forwards to {a}, which {', '.join(via)} sends to the egress VIP: the cluster's names would go out through the VPN instead of to the cluster DNS on the pod's own network ({DNS_DOC})")
+                            elif not internal and not via:
+                                err(where, f"Corefile: {zone} forwards to {a}, which no attachment of the pod routes via the egress VIP: the clients' queries would leave through the pod's own network, outside the VPN")
+                            if zone == CLUSTER_DOMAIN and a not in local:
+                                err(where, f"Corefile: {CLUSTER_DOMAIN} forwards to {a}, but the router's local_route virtual server serves {', '.join(map(str, local))}: both are the cluster's DNS service IP (the clients' nameserver), set them together ({DNS_DOC})")
+
+
+def check_address_pools(objs, nads):
+    """Every pod takes an address of each attachment it names, surge pods of a rolling update
+    too: whereabouts hands out no more than the range holds, and a pod without one never
+    starts."""
+    users = {}
+    for o in objs:
+        if o.kind not in ("Deployment", "StatefulSet"):
+            continue
+        spec = o.doc.get("spec") or {}
+        replicas = spec.get("replicas", 1)
+        surge = 0
+        strategy = spec.get("strategy") or {}
+        if o.kind == "Deployment" and strategy.get("type", "RollingUpdate") == "RollingUpdate":
+            s = (strategy.get("rollingUpdate") or {}).get("maxSurge", "25%")
+            surge = -(-replicas * int(s[:-1]) // 100) if isinstance(s, str) and s.endswith("%") else int(s)
+        for ns, name, _ in multus(o):
+            users.setdefault((ns, name), []).append((o, replicas, surge))
+    for key, ws in sorted(users.items()):
+        n = nads.get(key)
+        total = sum(r + s for _, r, s in ws)
+        if n is not None and total > len(n.pool()):
+            who = ", ".join(f"{o.kind}/{o.name} (replicas {r} + maxSurge {s})" for o, r, s in ws)
+            err(n.obj.where(), f"allocates {len(n.pool())} addresses ({n.start}-{n.end}), but {who} can run {total} pods at once: the last one gets no address and never starts")
 
 
 def gateway_addresses(spec):
@@ -875,7 +1152,10 @@ def check_router(objs, nads, out_dir):
         for n in nads.values():
             if n.gateway is not None and n.gateway not in [v.ip for v in egress_vips]:
                 err(n.obj.where(), f"clients' gateway {n.gateway} is not a VRRP VIP")
-        check_nad_routes(where, gw, nads, [v.ip for v in egress_vips])
+        servers = local_route_servers(cfg)
+        check_nad_routes(where, gw, nads, [v.ip for v in egress_vips], sorted({a for _, addrs, _ in servers for a in addrs}))
+        check_resolver_nads(where, gw, nads, [v.ip for v in egress_vips], servers)
+        check_resolver_pods(objs, nads, [v.ip for v in egress_vips], servers)
         with open(os.path.join(out_dir, "gateways.tsv"), "w", encoding="utf-8") as f:
             for a, v in zip(addrs, vips):
                 f.write(f"{a}\t{v}\n")
@@ -907,7 +1187,7 @@ def check_router(objs, nads, out_dir):
                     err(o.where(), f"{c['name']}: FORWARD_TO_PORT {fwd} is no virtual server port on the ingress VIPs {sorted(p for p in vs_ports if p)}")
         for vs in (cfg.get("ingress") or {}).get("virtual_servers") or []:
             nets = [ipaddress.ip_network(r, strict=False) for r in vs.get("real_servers") or []]
-            if not any(all(a in net for a in (n.start, n.end)) for n in nads.values() for net in nets):
+            if not any(all(any(a in net for net in nets) for a in n.pool()) for n in nads.values()):
                 err(where, f"virtual server {vs.get('name')}: no attachment allocates inside its real_servers")
 
 
@@ -1158,10 +1438,12 @@ def main():
     check_router(objs, nads, out_dir)
     check_image(root, objs, metadata_path)
     check_gateway_pods(objs)
+    check_address_pools(objs, nads)
     extract_scripts(objs, out_dir)
-    for e in ERRORS:
+    problems = list(dict.fromkeys(ERRORS))  # a check shared by two callers reports once
+    for e in problems:
         print(e)
-    print(f"validate.py: {len(objs)} objects, {len(nads)} attachments, {len(kustomizations)} kustomizations, {len(ERRORS)} problem(s)")
+    print(f"validate.py: {len(objs)} objects, {len(nads)} attachments, {len(kustomizations)} kustomizations, {len(problems)} problem(s)")
     return 1 if ERRORS else 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validates everything under deploy/ (make test-deploy; offline, a few seconds):
+# Validates everything under deploy/ (make test-deploy; offline, about 80 s with the self-test):
 #
 #   1. yamllint (deploy/.yamllint.yaml, warnings are errors) on every YAML file;
 #   2. kubernetes-validate --strict on every manifest, against the oldest and the newest
@@ -7,7 +7,9 @@
 #      warning is accepted solely for the CRD kinds that validate.py checks with a reduced
 #      schema (NetworkAttachmentDefinition, ServiceMonitor); any other warning fails;
 #   3. validate.py: the reduced CRD checks, the CNI configs, the kustomize layout, references
-#      between objects, the router Deployment against its config; it extracts the config,
+#      between objects, the router Deployment against its config, the DNS path (the resolver
+#      attachment and Corefile against the router's local_route virtual server, the client
+#      attachments' route to it), addresses enough for every rolling update; it extracts the config,
 #      the example Secret's files and the shell scripts embedded in containers;
 #      It also reads deploy/Dockerfile: entrypoint, nft, port, and a toolchain new enough for
 #      the locked dependencies (cargo metadata --locked --offline);
@@ -242,9 +244,31 @@ mutate base/router-config.yaml 's/^      tunnel_mtu: 1320 /      tunnel_mtu: 142
 # the client attachments' routes are exactly `vpn-router nad-routes` for the config's exclusions
 # (the backquotes are text in the expected message, not for this shell)
 # shellcheck disable=SC2016
-mutate base/networks.yaml '0,/{"dst": "11.0.0.0\/8"},/{/{"dst": "11.0.0.0\/8"},/d}' 'vpn-net-clients: ipam routes differ from `vpn-router nad-routes --exclude 10.0.0.0/8 --exclude-reserved` (the router config'"'"'s gateways.egress exclusions; 102 routes, expected 103: missing {"dst": "11.0.0.0/8"}'
+mutate base/networks.yaml '0,/{"dst": "11.0.0.0\/8"},/{/{"dst": "11.0.0.0\/8"},/d}' 'vpn-net-clients: ipam routes differ from `vpn-router nad-routes --exclude 10.0.0.0/8 --exclude-reserved --extra 10.33.0.10/32` (the router config'"'"'s gateways.egress exclusions and its local_route addresses; 103 routes, expected 104: missing {"dst": "11.0.0.0/8"}'
 # shellcheck disable=SC2016
-mutate base/router-config.yaml 's/^        exclude: \[10.0.0.0\/8\] /        exclude_reserved: false\n&/' 'vpn-net-ingress-port-1: ipam routes differ from `vpn-router nad-routes --exclude 10.0.0.0/8`'
+mutate base/router-config.yaml 's/^        exclude: \[10.0.0.0\/8\] /        exclude_reserved: false\n&/' 'vpn-net-ingress-port-1: ipam routes differ from `vpn-router nad-routes --exclude 10.0.0.0/8 --extra 10.33.0.10/32`'
+# DNS through the VPN (the router's local_route virtual server `dns`, examples/resolver): the
+# client attachments send the cluster DNS service IP to the egress VIP (nad-routes --extra) ...
+# shellcheck disable=SC2016
+mutate base/networks.yaml '0,/{"dst": "10.33.0.10\/32"},/{/{"dst": "10.33.0.10\/32"},/d}' 'vpn-net-clients: ipam routes differ from `vpn-router nad-routes --exclude 10.0.0.0/8 --exclude-reserved --extra 10.33.0.10/32` (the router config'"'"'s gateways.egress exclusions and its local_route addresses; 103 routes, expected 104: missing {"dst": "10.33.0.10/32"}'
+# ... the resolvers' attachment allocates inside the real servers, routes every client range
+# back via the VIP (NAT mode), the Internet via the VIP, neither the cluster DNS nor the
+# intranet nor a non-client pod via the VIP, and takes no ICMP redirect ...
+mutate examples/resolver/network.yaml 's/"range_end": "192.168.27.130"/"range_end": "192.168.27.131"/' "allocates 192.168.27.131, outside the real_servers of virtual server dns"
+mutate examples/resolver/network.yaml '/"dst": "192.168.24.0\/25"/d' "vpn-net-dns: does not route 192.168.24.1-192.168.24.127 (vpn-net-clients) via the egress VIP"
+mutate examples/resolver/network.yaml 's|{"dst": "8.0.0.0/7", "gw": "192.168.26.254"},|&\n              {"dst": "10.33.0.10/32", "gw": "192.168.26.254"},|' "vpn-net-dns: routes 10.33.0.10 via the egress VIP: the resolvers' own queries to it would come back into the router's virtual server dns (local_route), a loop"
+mutate examples/resolver/network.yaml 's|{"dst": "8.0.0.0/7", "gw": "192.168.26.254"},|&\n              {"dst": "10.96.0.0/12", "gw": "192.168.26.254"},|' "vpn-net-dns: routes 10.96.0.0/12 via the egress VIP, inside 10.0.0.0/8 that the router keeps off the VPN"
+mutate examples/resolver/network.yaml 's|{"dst": "192.168.27.0/25", "gw": "192.168.26.254"},|&\n              {"dst": "192.168.26.0/25", "gw": "192.168.26.254"},|' "vpn-net-dns: routes 192.168.26.1 (vpn-net-routers) via the egress VIP: only client ranges belong there"
+mutate examples/resolver/network.yaml '/{"dst": "1.0.0.0\/8", "gw": "192.168.26.254"},/d' "vpn-net-dns: does not route 1.0.0.0/8 via the egress VIP: the resolvers' queries to public resolvers there would leave through the pod's own network"
+mutate examples/resolver/network.yaml '/"net.ipv4.conf.all.accept_redirects": "0",/d' "vpn-net-dns: accepts ICMP redirects"
+mutate examples/resolver/coredns-deployment.yaml 's/maxSurge: 1$/maxSurge: 2/' "allocates 3 addresses (192.168.27.128-192.168.27.130), but Deployment/vpn-resolver (replicas 2 + maxSurge 2) can run 4 pods at once"
+# ... and the Corefile forwards cluster.local to the cluster DNS (the local_route address) on
+# the pod's own network, everything else through the VPN, on the virtual server's real_port.
+mutate examples/resolver/corefile.yaml 's/forward \. 10\.33\.0\.10$/forward . 1.1.1.1/' "Corefile: cluster.local forwards to 1.1.1.1, which vpn-net-dns sends to the egress VIP"
+mutate base/router-config.yaml 's/addresses: \[10.33.0.10\]/addresses: [10.33.0.11]/' "Corefile: cluster.local forwards to 10.33.0.10, but the router's local_route virtual server serves 10.33.0.11"
+mutate examples/resolver/corefile.yaml 's/forward \. 1\.1\.1\.1 9\.9\.9\.9$/forward . 10.0.0.53/' "Corefile: . forwards to 10.0.0.53, which no attachment of the pod routes via the egress VIP"
+mutate examples/resolver/corefile.yaml 's/^    \.:1053 {$/    .:53 {/' "Corefile: server block .:53 listens on port 53, but virtual server dns sends the queries to port 1053 (real_port)"
+mutate examples/resolver/corefile.yaml 's/^    cluster.local:1053 10.in-addr.arpa:1053 {$/    10.in-addr.arpa:1053 {/' "Corefile: no server block for cluster.local"
 mutate base/router-config.yaml 's/^        exclude: \[10.0.0.0\/8\] /        exclude: [10.0.0.1\/8] /' '"10.0.0.1/8" has host bits set'
 mutate base/router-config.yaml 's/^        exclude: \[10.0.0.0\/8\] /        destinations: [0.0.0.0\/1]\n&/' "gateways.egress.destinations ['0.0.0.0/1']"
 echo "deploy: self-test ok ($caught defects caught)"

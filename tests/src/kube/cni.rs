@@ -335,4 +335,36 @@ mod tests {
         pools.release(routers, a);
         assert_eq!(pools.allocate(routers).unwrap(), a);
     }
+
+    /// The resolver example's attachment has no ipam gateway: every route names its `gw` (the
+    /// egress VIP), the cluster DNS stays off it, and the tuning plugin's `all.` key is kept
+    /// as written (only `IFNAME` is replaced when plugged).
+    #[test]
+    fn resolver_nad_routes_carry_their_own_gw() {
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let objs = super::super::manifests::render(&deploy.join("examples/resolver")).unwrap();
+        let o = objs
+            .iter()
+            .find(|o| o.kind == "NetworkAttachmentDefinition" && o.name == "vpn-net-dns")
+            .unwrap();
+        let dns = parse_nad(o).unwrap();
+        let vip = Ipv4Addr::new(192, 168, 26, 254);
+        assert_eq!(dns.gateway, None);
+        assert!(dns.routes.iter().all(|r| r.gw == Some(vip)));
+        let via = |a: Ipv4Addr| dns.routes.iter().any(|r| r.dst.contains(&a));
+        assert!(via(Ipv4Addr::new(1, 1, 1, 1)));
+        assert!(via(Ipv4Addr::new(192, 168, 24, 5)));
+        assert!(!via(Ipv4Addr::new(10, 33, 0, 10)));
+        assert!(!via(Ipv4Addr::new(192, 168, 26, 1)));
+        assert_eq!(
+            (dns.range_start, dns.range_end),
+            (
+                Ipv4Addr::new(192, 168, 27, 128),
+                Ipv4Addr::new(192, 168, 27, 130)
+            )
+        );
+        assert!(dns
+            .tuning
+            .contains_key("net.ipv4.conf.all.accept_redirects"));
+    }
 }
