@@ -1031,31 +1031,90 @@ fn without_ingress(yaml: &str) -> String {
     out
 }
 
-/// The cluster's DNS service IP, as in the clients' resolv.conf (the lab's node serves it).
-const CLUSTER_DNS: Ipv4Addr = Ipv4Addr::new(10, 33, 0, 10);
 /// What the lab's cluster DNS answers for the one cluster name it knows.
 const KUBERNETES_SVC: Ipv4Addr = Ipv4Addr::new(10, 33, 0, 1);
-/// dnsmasq resolver pods: VPN network address, pod network (`eth0`) address.
-const DNSMASQ: [(Ipv4Addr, Ipv4Addr); 2] = [
-    (
-        Ipv4Addr::new(192, 168, 27, 128),
-        Ipv4Addr::new(10, 244, 4, 1),
-    ),
-    (
-        Ipv4Addr::new(192, 168, 27, 129),
-        Ipv4Addr::new(10, 244, 4, 2),
-    ),
-];
+/// Resolver pods the test runs (of the shipped NAD's three addresses): two, as the example's
+/// Deployment.
+const RESOLVER_PODS: usize = 2;
+/// A resolver pod's `eth0` (the pod network): 10.244.4.1 + k.
+fn resolver_pod_ip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 4, 1)) + k as u32)
+}
 
-const CLUSTER_DNS_VS: &str = "    - name: dns
-      port: 53
-      protocols: [udp, tcp]
-      addresses: [10.33.0.10]
-      local_route: true
-      scheduler: rr
-      real_servers: [192.168.27.128/31]
-      health_check: { type: dns, query: kubernetes.default.svc.cluster.local, interval: 1s, timeout: 900ms, rise: 1, fall: 2 }
-";
+/// The DNS path as deploy/ ships it, read from the files (never a copy kept here): the router
+/// config's `local_route` virtual server, the resolver example's NAD (addresses, routes,
+/// tuning) and the client NAD's route to the cluster DNS IP.
+struct ShippedDns {
+    /// The virtual server as one flow-style YAML list item for the lab config, its health
+    /// check's timeout raised for TCG.
+    vs_item: String,
+    /// The cluster DNS service IP (the virtual server's address).
+    cluster_dns: Ipv4Addr,
+    /// The port the resolvers listen on (`real_port`).
+    real_port: u16,
+    /// The name the health check asks (the lab's cluster DNS knows it).
+    query: String,
+    resolver: lab::kube::cni::Network,
+    /// vpn-net-clients' route to the cluster DNS IP.
+    client_route: lab::kube::cni::Route,
+}
+
+fn shipped_dns() -> ShippedDns {
+    use lab::kube::{cluster, cni, manifests};
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let base = manifests::render(&deploy.join("base")).unwrap();
+    let cfg = cluster::router_config(&base).unwrap();
+    let mut vs = cfg["ingress"]["virtual_servers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["local_route"] == true))
+        .expect("a local_route virtual server in deploy/base/router-config.yaml")
+        .clone();
+    let cluster_dns: Ipv4Addr = vs["addresses"][0].as_str().unwrap().parse().unwrap();
+    let real_port = vs["real_port"]
+        .as_u64()
+        .or(vs["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap();
+    let query = vs["health_check"]["query"].as_str().unwrap().to_owned();
+    vs["health_check"]["timeout"] = serde_json::json!("900ms");
+    let resolver_objs = manifests::render(&deploy.join("examples/resolver")).unwrap();
+    let resolver = resolver_objs
+        .iter()
+        .filter(|o| o.kind == "NetworkAttachmentDefinition")
+        .map(|o| cni::parse_nad(o).unwrap())
+        .next()
+        .expect("the resolver example's NAD");
+    let clients = cni::parse_nad(
+        manifests::find(
+            &base,
+            "NetworkAttachmentDefinition",
+            "vpn-gateway",
+            "vpn-net-clients",
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let client_route = clients
+        .routes
+        .iter()
+        .find(|r| r.dst.contains(&cluster_dns) && r.dst.prefix_len() == 32)
+        .expect("vpn-net-clients routes the cluster DNS IP")
+        .clone();
+    ShippedDns {
+        vs_item: format!("    - {}\n", serde_json::to_string(&vs).unwrap()),
+        cluster_dns,
+        real_port,
+        query,
+        resolver,
+        client_route,
+    }
+}
+
+impl ShippedDns {
+    fn resolver_addr(&self, k: usize) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.resolver.range_start) + k as u32)
+    }
+}
 
 /// dnsmasq in `ns`, in the foreground (the namespace's teardown kills it), logging every query
 /// to `log`.
@@ -1083,15 +1142,20 @@ fn dnsmasq(ns: &Netns, listen: Ipv4Addr, args: &[String], log: &Path) -> std::pr
 
 /// The resolver example's pods, with dnsmasq standing in for CoreDNS: `cluster.local` to the
 /// cluster DNS out of `eth0` (the pod network), everything else to the Internet's DNS through
-/// the VPN network (default via the egress VIP). Replies to clients go back through the router
-/// (IPVS undoes its NAT there), as the example's NAD routes them.
-fn start_dnsmasq_resolvers(lab: &Lab, dir: &Path) -> Resolvers {
+/// the VPN network. Their VPN-network addresses, routes and tuning sysctls are the shipped
+/// NAD's, so the answers to clients go back through the router (IPVS undoes its NAT there)
+/// exactly as the example routes them. One addition: the lab's Internet is TEST-NET-3, which
+/// the shipped routes leave out as reserved (the lab's router config sets
+/// `exclude_reserved: false`), so it gets a route via the egress VIP too.
+fn start_dnsmasq_resolvers(lab: &Lab, dns: &ShippedDns, dir: &Path) -> Resolvers {
     let prefix = lab.switch().name().trim_end_matches("-sw").to_owned();
     let mut out = Resolvers {
         ns: Vec::new(),
         children: Vec::new(),
     };
-    for (k, (addr, pod)) in DNSMASQ.iter().enumerate() {
+    let nad = &dns.resolver;
+    for k in 0..RESOLVER_PODS {
+        let (addr, pod) = (dns.resolver_addr(k), resolver_pod_ip(k));
         let ns = Netns::create(&format!("{prefix}-res{k}")).unwrap();
         out.ns.push(ns.clone());
         lab.switch()
@@ -1099,7 +1163,7 @@ fn start_dnsmasq_resolvers(lab: &Lab, dir: &Path) -> Resolvers {
                 format!(
                     "link add g-res{k} mtu {m} type veth peer name gw0 mtu {m} netns {}",
                     ns.name(),
-                    m = topo::GW_NET_MTU
+                    m = nad.mtu
                 ),
                 format!("link set g-res{k} master brgw up"),
                 format!(
@@ -1109,22 +1173,32 @@ fn start_dnsmasq_resolvers(lab: &Lab, dir: &Path) -> Resolvers {
                 format!("link set p-res{k} master brpod up"),
             ])
             .unwrap();
-        ns.ip_batch(&[
-            format!("addr add {addr}/{} dev gw0", topo::GW_NET_PREFIX),
+        let mut cmds = vec![
+            format!("addr add {addr}/{} dev gw0", nad.range.prefix_len()),
             format!("addr add {pod}/16 dev eth0"),
             "link set gw0 up".into(),
             "link set eth0 up".into(),
             "link set lo up".into(),
-            format!("route add default via {} dev gw0", topo::EGRESS_VIP),
+            // The pod's primary network: the cluster DNS and the intranet.
             format!("route add 10.0.0.0/8 via {} dev eth0", topo::NODE_POD),
-            format!("route add 192.168.24.0/25 via {} dev gw0", topo::EGRESS_VIP),
-        ])
-        .unwrap();
+            format!("route add 203.0.113.0/24 via {} dev gw0", topo::EGRESS_VIP),
+        ];
+        for r in &nad.routes {
+            let via =
+                r.gw.or(nad.gateway)
+                    .expect("a resolver route with its gateway");
+            cmds.push(format!("route add {} via {via} dev gw0", r.dst));
+        }
+        ns.ip_batch(&cmds).unwrap();
+        for (key, value) in &nad.tuning {
+            ns.sysctl(&key.replace("IFNAME", "gw0"), value).unwrap();
+        }
         let child = dnsmasq(
             &ns,
-            *addr,
+            addr,
             &[
-                format!("--server=/cluster.local/{CLUSTER_DNS}"),
+                format!("--port={}", dns.real_port),
+                format!("--server=/cluster.local/{}", dns.cluster_dns),
                 format!("--server={}", topo::INTERNET_DNS),
             ],
             &dir.join(format!("resolver{k}.log")),
@@ -1137,11 +1211,19 @@ fn start_dnsmasq_resolvers(lab: &Lab, dir: &Path) -> Resolvers {
 /// The node serves the cluster DNS (10.33.0.10: one name, no recursion) and counts the DNS
 /// packets it receives by source: resolver pods, router pods, anyone else (a client's query
 /// that went around the VPN). The returned dnsmasq is the caller's to stop.
-fn start_cluster_dns(lab: &Lab, dir: &Path) -> std::process::Child {
+fn start_cluster_dns(lab: &Lab, dns: &ShippedDns, dir: &Path) -> std::process::Child {
     let node = lab.node();
-    node.ip(&["addr", "add", &format!("{CLUSTER_DNS}/32"), "dev", "lo"])
-        .unwrap();
-    let resolvers: Vec<String> = DNSMASQ.iter().map(|(_, p)| p.to_string()).collect();
+    node.ip(&[
+        "addr",
+        "add",
+        &format!("{}/32", dns.cluster_dns),
+        "dev",
+        "lo",
+    ])
+    .unwrap();
+    let resolvers: Vec<String> = (0..RESOLVER_PODS)
+        .map(|k| resolver_pod_ip(k).to_string())
+        .collect();
     node.nft(&format!(
         "table ip lab {{\n counter resolvers {{ }}\n counter routers {{ }}\n counter others {{ }}\n chain input {{\n  type filter hook input priority 0; policy accept;\n  meta l4proto {{ tcp, udp }} th dport 53 ip saddr {{ {} }} counter name \"resolvers\" accept\n  meta l4proto {{ tcp, udp }} th dport 53 ip saddr 10.244.1.0/24 counter name \"routers\" accept\n  meta l4proto {{ tcp, udp }} th dport 53 counter name \"others\"\n }}\n}}\n",
         resolvers.join(", ")
@@ -1149,17 +1231,15 @@ fn start_cluster_dns(lab: &Lab, dir: &Path) -> std::process::Child {
     .unwrap();
     dnsmasq(
         node,
-        CLUSTER_DNS,
-        &[format!(
-            "--host-record=kubernetes.default.svc.cluster.local,{KUBERNETES_SVC}"
-        )],
+        dns.cluster_dns,
+        &[format!("--host-record={},{KUBERNETES_SVC}", dns.query)],
         &dir.join("cluster-dns.log"),
     )
 }
 
 /// `dig` in `ns` at the cluster DNS IP: the A records of `name` (empty: no answer).
-fn dig(ns: &Netns, name: &str, tcp: bool) -> Result<Vec<Ipv4Addr>, String> {
-    let server = format!("@{CLUSTER_DNS}");
+fn dig(ns: &Netns, server: Ipv4Addr, name: &str, tcp: bool) -> Result<Vec<Ipv4Addr>, String> {
+    let server = format!("@{server}");
     let mut args = vec![server.as_str(), "+short", "+tries=1", "+time=3", name, "A"];
     if tcp {
         args.push("+tcp");
@@ -1168,14 +1248,14 @@ fn dig(ns: &Netns, name: &str, tcp: bool) -> Result<Vec<Ipv4Addr>, String> {
     Ok(out.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
-fn local_routes_in_force(lab: &Lab, k: usize) -> Option<bool> {
+fn local_routes_in_force(lab: &Lab, k: usize, addr: Ipv4Addr) -> Option<bool> {
     let st = lab.router(k).status().ok()?;
     let routes = st["components"]["ingress"]["detail"]["local_routes"]["routes"]
         .as_array()?
         .clone();
     Some(
         routes.len() == 1
-            && routes[0]["address"] == CLUSTER_DNS.to_string()
+            && routes[0]["address"] == addr.to_string()
             && routes[0]["in_force"] == true,
     )
 }
@@ -1213,22 +1293,25 @@ fn dns_through_the_vpn_on_the_cluster_dns_ip() {
         .unwrap_or_else(|e| panic!("building the lab failed: {e}"));
     let dir = std::env::temp_dir().join(format!("vpn-router-dns-vm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let cluster_dns = start_cluster_dns(&lab, &dir);
-    let mut resolvers = start_dnsmasq_resolvers(&lab, &dir);
-    resolvers.children.push(cluster_dns);
+    let dns = shipped_dns();
+    let cluster_dns = dns.cluster_dns;
+    let cluster_dns_server = start_cluster_dns(&lab, &dns, &dir);
+    let mut resolvers = start_dnsmasq_resolvers(&lab, &dns, &dir);
+    resolvers.children.push(cluster_dns_server);
     for g in lab.gateways() {
         g.ns.nft("table ip lab {\n counter upstream { }\n chain post {\n  type filter hook postrouting priority 0; policy accept;\n  oifname \"tun0\" meta l4proto { tcp, udp } th dport 53 counter name \"upstream\"\n }\n}\n")
             .unwrap();
     }
     // The client NAD's extra route: the cluster DNS IP via the egress VIP (nad-routes --extra).
     let client = lab.client(0).ns.clone();
+    let via = dns.client_route.gw.unwrap_or(topo::EGRESS_VIP);
     client
         .ip(&[
             "route",
             "add",
-            &format!("{CLUSTER_DNS}/32"),
+            &dns.client_route.dst.to_string(),
             "via",
-            &topo::EGRESS_VIP.to_string(),
+            &via.to_string(),
             "dev",
             "gw0",
         ])
@@ -1239,7 +1322,7 @@ fn dns_through_the_vpn_on_the_cluster_dns_ip() {
                 !y.contains("\ningress:"),
                 "the lab config has an ingress section:\n{y}"
             );
-            format!("{y}ingress:\n  virtual_servers:\n{CLUSTER_DNS_VS}")
+            format!("{y}ingress:\n  virtual_servers:\n{}", dns.vs_item)
         })
         .unwrap();
     }
@@ -1252,10 +1335,10 @@ fn dns_through_the_vpn_on_the_cluster_dns_ip() {
         || {
             let up = (0..2).all(|k| {
                 real_servers_on(&lab, k, "dns").is_some_and(|(_, m)| {
-                    m.values().filter(|s| s.0 == "up").count() == DNSMASQ.len()
+                    m.values().filter(|s| s.0 == "up").count() == RESOLVER_PODS
                 })
             });
-            let local = (0..2).all(|k| local_routes_in_force(&lab, k) == Some(true));
+            let local = (0..2).all(|k| local_routes_in_force(&lab, k, cluster_dns) == Some(true));
             (up && local && lab.router(0).holds_egress_vip()).then_some(())
         },
     );
@@ -1263,7 +1346,7 @@ fn dns_through_the_vpn_on_the_cluster_dns_ip() {
     for k in 0..2 {
         let routes = kernel_local_routes(&lab, k);
         assert!(
-            routes.contains(&format!("local {CLUSTER_DNS} dev lo")),
+            routes.contains(&format!("local {cluster_dns} dev lo")),
             "router {k}: {routes}"
         );
     }
@@ -1278,7 +1361,7 @@ fn dns_through_the_vpn_on_the_cluster_dns_ip() {
     let before = upstream(&lab);
     // An Internet name: the resolver asks the Internet's DNS through a gateway.
     for tcp in [false, true] {
-        let a = dig(&client, "ns1.lab.test", tcp)
+        let a = dig(&client, cluster_dns, "ns1.lab.test", tcp)
             .unwrap_or_else(|e| panic!("dig (tcp {tcp}): {e}\n{}", diag(&lab)));
         assert_eq!(
             a,
@@ -1295,7 +1378,7 @@ fn dns_through_the_vpn_on_the_cluster_dns_ip() {
     // A cluster name: the resolver asks the cluster DNS out of its own eth0.
     let resolvers_before = node_dns("resolvers");
     for tcp in [false, true] {
-        let a = dig(&client, "kubernetes.default.svc.cluster.local", tcp).unwrap();
+        let a = dig(&client, cluster_dns, &dns.query, tcp).unwrap();
         assert_eq!(
             a,
             [KUBERNETES_SVC],
@@ -1320,7 +1403,7 @@ fn dns_through_the_vpn_on_the_cluster_dns_ip() {
     // to 10.33.0.10 itself and the lookup failed.
     let routers_before = node_dns("routers");
     for k in 0..2 {
-        let own = dig(&lab.router(k).ns, "ns1.lab.test", false);
+        let own = dig(&lab.router(k).ns, cluster_dns, "ns1.lab.test", false);
         assert_eq!(
             own,
             Ok(vec![topo::INTERNET_DNS]),
@@ -1341,7 +1424,7 @@ fn dns_through_the_vpn_on_the_cluster_dns_ip() {
             "route",
             "del",
             "local",
-            &CLUSTER_DNS.to_string(),
+            &cluster_dns.to_string(),
             "dev",
             "lo",
             "table",
@@ -1350,7 +1433,7 @@ fn dns_through_the_vpn_on_the_cluster_dns_ip() {
         .unwrap();
     let (_, t_repair) = wait_for("the deleted local route to come back", &lab, || {
         kernel_local_routes(&lab, 0)
-            .contains(&CLUSTER_DNS.to_string())
+            .contains(&cluster_dns.to_string())
             .then_some(())
     });
     println!(
