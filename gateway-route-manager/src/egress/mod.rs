@@ -184,56 +184,21 @@ impl EgressManager {
     }
 
     async fn apply(&self, changes: Vec<Change>) -> Result<ApplyReport, EgressError> {
-        let mut report = ApplyReport::default();
-        let mut errors: Vec<NetlinkError> = Vec::new();
-        // A kill-switch route the kernel refused: nothing is deleted in this pass (diff orders
-        // deletions last), since removing the old routes or rules could leave client traffic
-        // with nothing but the main table. The next pass tries again.
-        let mut kill_switch_failed = false;
-        for change in changes {
-            let text = describe(&change);
-            if kill_switch_failed && is_delete(&change) {
-                tracing::warn!(change = %text, "egress: not deleting while the kill switch is not in place");
-                continue;
-            }
-            let result = match &change {
-                Change::SetNexthop(n) => self.socket.set_nexthop(n).await,
-                Change::DeleteNexthop(id) => self.socket.delete_nexthop(*id).await,
-                Change::SetRoute(r) => self.socket.set_route(r).await,
-                Change::DeleteRoute(r) => self.socket.delete_route(r).await,
-                Change::AddRule(r) => self.socket.add_rule(r).await,
-                Change::DeleteRule(r) => self.socket.delete_rule(r).await,
-            };
-            match result {
-                Ok(()) => {
-                    tracing::info!(change = %text, "egress: kernel updated");
-                    self.metrics.count_change(change.object());
-                    report.writes += 1;
-                    report.changes.push(text);
-                }
-                // Already gone (the kernel removes routes with their nexthop): nothing to do.
-                Err(e)
-                    if is_delete(&change) && e.errno() == Some(libc::ESRCH)
-                        || is_delete(&change) && e.errno() == Some(libc::ENOENT) => {}
-                Err(e) => {
-                    tracing::warn!(change = %text, error = %e, "egress: kernel refused a change");
-                    if matches!(&change, Change::SetRoute(r) if r.is_kill_switch()) {
-                        kill_switch_failed = true;
-                        // The VRRP instances give up their VIPs until a pass puts it back.
-                        self.kill_switch
-                            .send_if_modified(|k| std::mem::replace(k, false));
-                    }
-                    errors.push(e);
-                }
-            }
-        }
-        let count = errors.len();
-        match errors.into_iter().next() {
-            None => Ok(report),
-            Some(first) => {
-                self.metrics.egress_reconcile_errors.inc();
-                Err(EgressError::Apply { count, first })
-            }
+        apply_changes(changes, &self.metrics, &self.kill_switch, |c| {
+            self.execute(c)
+        })
+        .await
+    }
+
+    /// Writes one change to the kernel.
+    async fn execute(&self, change: Change) -> Result<(), NetlinkError> {
+        match &change {
+            Change::SetNexthop(n) => self.socket.set_nexthop(n).await,
+            Change::DeleteNexthop(id) => self.socket.delete_nexthop(*id).await,
+            Change::SetRoute(r) => self.socket.set_route(r).await,
+            Change::DeleteRoute(r) => self.socket.delete_route(r).await,
+            Change::AddRule(r) => self.socket.add_rule(r).await,
+            Change::DeleteRule(r) => self.socket.delete_rule(r).await,
         }
     }
 
@@ -279,6 +244,62 @@ impl EgressManager {
     }
 }
 
+/// Applies `changes` in order through `exec`, counting and logging each. A kill-switch route
+/// the kernel refused: nothing is deleted in this pass (diff orders deletions last), since
+/// removing the old routes or rules could leave client traffic with nothing but the main
+/// table; `kill_switch` turns false (the VRRP instances give their VIPs up) until a pass puts
+/// it back. The next pass tries again.
+async fn apply_changes<F, Fut>(
+    changes: Vec<Change>,
+    metrics: &Metrics,
+    kill_switch: &watch::Sender<bool>,
+    mut exec: F,
+) -> Result<ApplyReport, EgressError>
+where
+    F: FnMut(Change) -> Fut,
+    Fut: std::future::Future<Output = Result<(), NetlinkError>>,
+{
+    let mut report = ApplyReport::default();
+    let mut errors: Vec<NetlinkError> = Vec::new();
+    let mut kill_switch_failed = false;
+    for change in changes {
+        let text = describe(&change);
+        if kill_switch_failed && is_delete(&change) {
+            tracing::warn!(change = %text, "egress: not deleting while the kill switch is not in place");
+            continue;
+        }
+        let object = change.object();
+        let refused_kill_switch = matches!(&change, Change::SetRoute(r) if r.is_kill_switch());
+        let delete = is_delete(&change);
+        match exec(change).await {
+            Ok(()) => {
+                tracing::info!(change = %text, "egress: kernel updated");
+                metrics.count_change(object);
+                report.writes += 1;
+                report.changes.push(text);
+            }
+            // Already gone (the kernel removes routes with their nexthop): nothing to do.
+            Err(e) if delete && matches!(e.errno(), Some(libc::ESRCH | libc::ENOENT)) => {}
+            Err(e) => {
+                tracing::warn!(change = %text, error = %e, "egress: kernel refused a change");
+                if refused_kill_switch {
+                    kill_switch_failed = true;
+                    kill_switch.send_if_modified(|k| std::mem::replace(k, false));
+                }
+                errors.push(e);
+            }
+        }
+    }
+    let count = errors.len();
+    match errors.into_iter().next() {
+        None => Ok(report),
+        Some(first) => {
+            metrics.egress_reconcile_errors.inc();
+            Err(EgressError::Apply { count, first })
+        }
+    }
+}
+
 fn is_delete(change: &Change) -> bool {
     matches!(
         change,
@@ -304,5 +325,81 @@ fn describe(change: &Change) -> String {
         }
         Change::AddRule(r) => format!("add rule {}", describe_rule(r)),
         Change::DeleteRule(r) => format!("delete rule {}", describe_rule(r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::{Route, RouteTarget};
+
+    fn route(dst: &str, target: RouteTarget) -> Route {
+        Route {
+            table: 180,
+            dst: dst.parse().unwrap(),
+            metric: 0,
+            protocol: RTPROT_VPN_ROUTER,
+            target,
+        }
+    }
+
+    /// A kill-switch route the kernel refuses: the rest of the pass still writes what it adds,
+    /// but deletes nothing (old routes may be all that keeps traffic off the main table), the
+    /// kill switch reads false, and the error is returned.
+    #[tokio::test]
+    async fn a_refused_kill_switch_write_stops_every_deletion_in_the_pass() {
+        let kill = route("0.0.0.0/0", RouteTarget::Blackhole);
+        let changes = vec![
+            Change::SetRoute(route("0.0.0.0/0", RouteTarget::Nexthop(1800))),
+            Change::SetRoute(kill.clone()),
+            Change::SetRoute(route("192.0.2.0/24", RouteTarget::Nexthop(1801))),
+            Change::DeleteRoute(route("198.51.100.0/24", RouteTarget::Nexthop(1802))),
+            Change::DeleteNexthop(1802),
+        ];
+        let (switch, mut state) = watch::channel(true);
+        let done = std::sync::Mutex::new(Vec::new());
+        let result = apply_changes(changes, &Metrics::new(), &switch, |c| {
+            let refuse = c == Change::SetRoute(kill.clone());
+            done.lock().unwrap().push(describe(&c));
+            async move {
+                if refuse {
+                    Err(NetlinkError::Kernel {
+                        what: "setting the kill switch".into(),
+                        errno: libc::ENOBUFS,
+                        message: "No buffer space available".into(),
+                    })
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        let done = done.into_inner().unwrap();
+        assert!(
+            matches!(result, Err(EgressError::Apply { count: 1, .. })),
+            "{result:?}"
+        );
+        assert_eq!(done.len(), 3, "only the three additions ran: {done:?}");
+        assert!(!done.iter().any(|d| d.contains("delete")), "{done:?}");
+        assert!(
+            !*state.borrow_and_update(),
+            "the kill switch still reads true"
+        );
+
+        // The next pass, accepted: deletions run again (reconcile then sets the switch true).
+        let (switch, _) = watch::channel(false);
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        let result = apply_changes(
+            vec![Change::DeleteNexthop(1802)],
+            &Metrics::new(),
+            &switch,
+            |_| {
+                n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                async { Ok(()) }
+            },
+        )
+        .await;
+        assert_eq!(result.unwrap().writes, 1);
+        assert_eq!(n.into_inner(), 1);
     }
 }
