@@ -469,7 +469,7 @@ pub(crate) async fn run_with(
     if config.vmac && config.unicast_peers.is_empty() {
         if let Some(vmac_if) = vips.vmac_on(&config.interface) {
             socket
-                .add_vmac_receiver(&vmac_if)
+                .add_vmac_receiver(&vmac_if, crate::vip::vmac(config.vrid, family))
                 .map_err(|source| InstanceError::Network {
                     instance: name.clone(),
                     source: Box::new(source),

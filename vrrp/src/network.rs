@@ -128,6 +128,30 @@ pub(crate) fn register(socket: Socket) -> std::io::Result<AsyncFd<Socket>> {
         .map_err(std::io::Error::from)
 }
 
+/// A classic BPF program that accepts only frames whose Ethernet source is `mac` (read through
+/// the link-layer offset: an IP raw socket's filter starts at the IP header).
+fn from_mac_filter(mac: [u8; 6]) -> [socket2::SockFilter; 6] {
+    use socket2::SockFilter;
+    // linux/filter.h: BPF_LD|BPF_W|BPF_ABS, BPF_LD|BPF_H|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K,
+    // BPF_RET|BPF_K; SKF_LL_OFF (-0x200000) addresses the link-layer header.
+    const LD_W: u16 = 0x20;
+    const LD_H: u16 = 0x28;
+    const JEQ: u16 = 0x15;
+    const RET: u16 = 0x06;
+    const SKF_LL_OFF: i32 = -0x20_0000;
+    let ll = |off: i32| (SKF_LL_OFF + off) as u32;
+    let hi = u32::from_be_bytes([mac[0], mac[1], mac[2], mac[3]]);
+    let lo = u32::from(u16::from_be_bytes([mac[4], mac[5]]));
+    [
+        SockFilter::new(LD_W, 0, 0, ll(6)),
+        SockFilter::new(JEQ, 0, 3, hi),
+        SockFilter::new(LD_H, 0, 0, ll(10)),
+        SockFilter::new(JEQ, 0, 1, lo),
+        SockFilter::new(RET, 0, 0, 0x0004_0000),
+        SockFilter::new(RET, 0, 0, 0),
+    ]
+}
+
 /// Index of an interface by name.
 pub fn ifindex(interface: &str) -> Result<u32, NetworkError> {
     nix::net::if_::if_nametoindex(interface).map_err(|source| NetworkError::NoInterface {
@@ -299,9 +323,16 @@ impl VrrpSocket {
     /// after a healed partition or a backup's brief false takeover the bridge follows the
     /// master within one advert interval. IPv6 adverts stay on the parent: their source, the
     /// parent's link-local address, does not belong to the macvlan.
-    pub fn add_vmac_receiver(&mut self, vmac_if: &str) -> Result<(), NetworkError> {
+    ///
+    /// Only frames from the VMAC itself are taken there (a socket filter on the source MAC):
+    /// the macvlan also gets every other multicast frame, which the parent's socket receives
+    /// already, and each would otherwise be handled and counted twice (a forged advert too).
+    pub fn add_vmac_receiver(&mut self, vmac_if: &str, vmac: [u8; 6]) -> Result<(), NetworkError> {
         let index = ifindex(vmac_if)?;
         let socket = raw_socket(vmac_if, index, self.family, true)?;
+        socket
+            .attach_filter(&from_mac_filter(vmac))
+            .map_err(sock_err(vmac_if, "SO_ATTACH_FILTER"))?;
         let fd = register(socket).map_err(sock_err(vmac_if, "register with tokio"))?;
         self.vmac = Some(fd);
         Ok(())
