@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The VM harness's own checks (two boots, about 20 s):
+# The VM harness's own checks (four boots, about 30 s):
 #  1. IPVS works in the guest: ipvsadm creates an mh service with both scheduler flags and reads
 #     it back as `mh (mh-fallback,mh-port)`; the guest's host root is read-only, /tmp shows the
 #     host's files and takes writes that stay in the guest, the working directory and --env reach
 #     the command, the exit status comes back.
 #  2. --timeout kills a command that does not finish, with status 124.
+#  3. A guest kernel that panics while booting (forced: the first boot gets no init) is booted
+#     once more and the command runs; the retry says so.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -59,6 +61,16 @@ took=$((SECONDS - start))
 set -e
 check "timeout gives status 124" test "$status" -eq 124
 check "timeout stops the VM promptly (${took}s)" test "$took" -lt 30
+
+set +e
+retry_err=$(mktemp)
+VM_TEST_PANIC_FIRST_BOOT=1 "$here/run.sh" --timeout 120 -- sh -c 'echo after-the-retry; exit 4' 2>"$retry_err" | tee "$out"
+status=${PIPESTATUS[0]}
+set -e
+check "a boot that panicked is retried and the command runs (4)" test "$status" -eq 4
+check "the command's output comes once" test "$(grep -cxF after-the-retry "$out")" -eq 1
+check "the retry is reported" grep -qF "panicked while booting, before the command ran" "$retry_err"
+rm -f "$retry_err"
 
 if [[ $fail -ne 0 ]]; then
     echo "selftest: FAILED" >&2
