@@ -62,64 +62,75 @@ fn route(addr: Ipv4Addr, target: RouteTarget) -> Route {
     }
 }
 
-/// Makes our local routes exactly `wanted`, with the first primary IPv4 address of
-/// `src_interface` as their source (none while it has no address; a later sync adds it): one
-/// dump, then only the differences.
-pub async fn sync(
-    wanted: &BTreeSet<Ipv4Addr>,
-    src_interface: Option<&str>,
-) -> Result<LocalRoutesReport, LocalRoutesError> {
-    let socket = RouteSocket::open()?;
-    let lo = socket.link_index("lo").await?;
-    let prefsrc = match src_interface {
-        None => None,
-        Some(name) => match socket.link_index(name).await {
-            Ok(i) => socket.primary_ipv4(i).await?.first().copied(),
-            Err(NetlinkError::NoSuchInterface { .. }) => None,
-            Err(e) => return Err(e.into()),
-        },
-    };
-    let target = RouteTarget::Local { oif: lo, prefsrc };
-    let kernel: Vec<Route> = socket.dump_routes().await?;
-    let have: BTreeSet<Ipv4Addr> = kernel.iter().filter_map(ours).collect();
-    // A route of ours that differs (another interface, another source) is replaced.
-    let wrong: BTreeSet<Ipv4Addr> = kernel
-        .iter()
-        .filter(|r| ours(r).is_some() && r.target != target)
-        .filter_map(ours)
-        .collect();
-    let mut report = LocalRoutesReport::default();
-    let mut failed = Vec::new();
-    for a in wanted
-        .iter()
-        .filter(|a| !have.contains(a) || wrong.contains(a))
-    {
-        match socket.set_route(&route(*a, target.clone())).await {
-            Ok(()) => report.added.push(*a),
-            Err(e) => failed.push(e),
-        }
+/// A netlink connection for syncing the local routes (opened once by the engine that keeps
+/// them).
+#[derive(Debug)]
+pub struct LocalRoutes {
+    socket: RouteSocket,
+}
+
+impl LocalRoutes {
+    /// Opens the socket in the caller's network namespace (inside a tokio runtime).
+    pub fn open() -> Result<Self, LocalRoutesError> {
+        Ok(LocalRoutes {
+            socket: RouteSocket::open()?,
+        })
     }
-    for r in kernel
-        .iter()
-        .filter(|r| ours(r).is_some_and(|a| !wanted.contains(&a)))
-    {
-        match socket.delete_route(r).await {
-            Ok(()) => report.deleted.extend(ours(r)),
-            Err(NetlinkError::Kernel { errno, .. }) if errno == libc::ESRCH => {}
-            Err(e) => failed.push(e),
+
+    /// Makes our local routes exactly `wanted`, with the first primary IPv4 address of
+    /// `src_interface` as their source (none while it has no address; a later sync adds it):
+    /// one dump, then only the differences.
+    pub async fn sync(
+        &self,
+        wanted: &BTreeSet<Ipv4Addr>,
+        src_interface: Option<&str>,
+    ) -> Result<LocalRoutesReport, LocalRoutesError> {
+        let socket = &self.socket;
+        let lo = socket.link_index("lo").await?;
+        let prefsrc = match src_interface {
+            None => None,
+            Some(name) => match socket.link_index(name).await {
+                Ok(i) => socket.primary_ipv4(i).await?.first().copied(),
+                Err(NetlinkError::NoSuchInterface { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let target = RouteTarget::Local { oif: lo, prefsrc };
+        let kernel: Vec<Route> = socket.dump_routes().await?;
+        // Ours and as wanted; one of ours that differs (another interface, another source)
+        // is replaced.
+        let right: BTreeSet<Ipv4Addr> = kernel
+            .iter()
+            .filter(|r| r.target == target)
+            .filter_map(ours)
+            .collect();
+        let mut report = LocalRoutesReport::default();
+        let mut failed = Vec::new();
+        for a in wanted.difference(&right) {
+            match socket.set_route(&route(*a, target.clone())).await {
+                Ok(()) => report.added.push(*a),
+                Err(e) => failed.push(e),
+            }
         }
-    }
-    let after: BTreeSet<Ipv4Addr> = socket
-        .dump_routes()
-        .await?
-        .iter()
-        .filter(|r| r.target == target)
-        .filter_map(ours)
-        .collect();
-    report.in_force = wanted.intersection(&after).copied().collect();
-    let count = failed.len();
-    match failed.into_iter().next() {
-        None => Ok(report),
-        Some(first) => Err(LocalRoutesError::Apply { count, first }),
+        for r in kernel
+            .iter()
+            .filter(|r| ours(r).is_some_and(|a| !wanted.contains(&a)))
+        {
+            match socket.delete_route(r).await {
+                Ok(()) => report.deleted.extend(ours(r)),
+                Err(NetlinkError::Kernel { errno, .. }) if errno == libc::ESRCH => {}
+                Err(e) => failed.push(e),
+            }
+        }
+        report.in_force = wanted
+            .intersection(&right)
+            .chain(&report.added)
+            .copied()
+            .collect();
+        let count = failed.len();
+        match failed.into_iter().next() {
+            None => Ok(report),
+            Some(first) => Err(LocalRoutesError::Apply { count, first }),
+        }
     }
 }

@@ -911,8 +911,14 @@ fn a_changed_table_and_rule_priority_leave_nothing_behind() {
 /// foreign one left alone; and the address is then delivered locally.
 #[test]
 fn local_routes_are_owned_adopted_and_cleaned_up() {
-    use gateway_route_manager::local_routes::sync;
+    use gateway_route_manager::local_routes::{LocalRoutes, LocalRoutesError, LocalRoutesReport};
     use std::collections::BTreeSet;
+    async fn sync(
+        w: &BTreeSet<Ipv4Addr>,
+        src: Option<&str>,
+    ) -> Result<LocalRoutesReport, LocalRoutesError> {
+        LocalRoutes::open()?.sync(w, src).await
+    }
 
     let ns = router("localrt");
     // A foreign local route (protocol static) must survive every sync.

@@ -223,6 +223,18 @@ impl GatewayPodSpec {
         self.file(&self.gluetun, POST_RULES_PATH)
     }
 
+    /// The example with the post-rules lines that `drop` picks removed (tests that break it on
+    /// purpose); false when gluetun mounts no post-rules file.
+    pub fn drop_post_rules(&mut self, drop: impl Fn(&str) -> bool) -> bool {
+        let gluetun = self.gluetun.clone();
+        self.edit_file(&gluetun, POST_RULES_PATH, |t| {
+            t.lines()
+                .filter(|l| !drop(l))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        })
+    }
+
     /// Changes one file of a ConfigMap/Secret volume (tests that break the example on purpose).
     pub fn edit_file(&mut self, c: &Container, path: &str, f: impl FnOnce(&str) -> String) -> bool {
         let Some((mount, vol)) = c

@@ -141,14 +141,10 @@ fn the_example_gateway_carries_egress_probes_and_forwarded_ports() {
 #[test]
 fn without_the_post_rules_forward_accepts_the_gateway_forwards_nothing() {
     let mut spec = GatewayPodSpec::load().unwrap();
-    let gluetun = spec.gluetun.clone();
-    let edited = spec.edit_file(&gluetun, lab::gluetun_pod::POST_RULES_PATH, |t| {
-        t.lines()
-            .filter(|l| !l.starts_with("iptables -A FORWARD"))
-            .map(|l| format!("{l}\n"))
-            .collect()
-    });
-    assert!(edited, "the example mounts no post-rules file");
+    assert!(
+        spec.drop_post_rules(|l| l.starts_with("iptables -A FORWARD")),
+        "the example mounts no post-rules file"
+    );
     let lab = builder()
         .gateway_kind(GatewayKind::GluetunSpec(Box::new(spec)))
         .build()

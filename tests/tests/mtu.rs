@@ -237,6 +237,22 @@ fn transfer(
     }
 }
 
+/// Once the router holds the ingress VIP: 1 MiB each way through the forwarded port
+/// completes, and each end was told an MSS that fits the tunnel.
+fn ingress_fits(lab: &Lab) {
+    wait_for(lab, "the router to hold the ingress VIP", holds_ingress_vip);
+    let i = ingress(lab);
+    assert!(
+        i.complete(SIZE, SIZE),
+        "ingress through the tunnel stalled: {i:?}; {}",
+        swallowed(lab)
+    );
+    assert!(
+        (1..=CLAMP).contains(&i.server_mss) && (1..=CLAMP).contains(&i.client_mss),
+        "{i:?}"
+    );
+}
+
 fn holds_ingress_vip(lab: &Lab) -> bool {
     lab.router(0)
         .ns
@@ -244,30 +260,18 @@ fn holds_ingress_vip(lab: &Lab) -> bool {
         .is_ok_and(|a| a.contains(&format!("{}/", topo::ingress_vip(0))))
 }
 
-fn internet_server() -> SocketAddr {
-    SocketAddr::from((topo::INTERNET_ECHO, BULK_PORT))
+/// The client sends `up` bytes to the Internet server, which answers with `down`.
+fn client_to_internet(lab: &Lab, up: usize, down: usize) -> Transfer {
+    let server = SocketAddr::from((topo::INTERNET_ECHO, BULK_PORT));
+    transfer(lab.internet(), server, &lab.client(0).ns, server, up, down)
 }
 
 fn download(lab: &Lab) -> Transfer {
-    transfer(
-        lab.internet(),
-        internet_server(),
-        &lab.client(0).ns,
-        internet_server(),
-        0,
-        SIZE,
-    )
+    client_to_internet(lab, 0, SIZE)
 }
 
 fn upload(lab: &Lab) -> Transfer {
-    transfer(
-        lab.internet(),
-        internet_server(),
-        &lab.client(0).ns,
-        internet_server(),
-        SIZE,
-        0,
-    )
+    client_to_internet(lab, SIZE, 0)
 }
 
 /// From the Internet host to the gateway's forwarded port, which the gateway DNATs to its
@@ -309,21 +313,7 @@ fn full_size_tcp_fits_the_tunnel_without_pmtu_discovery() {
         lab.gateway(0).pod_log()
     );
     assert!((1..=CLAMP).contains(&u.client_mss), "{u:?}");
-    wait_for(
-        &lab,
-        "the router to hold the ingress VIP",
-        holds_ingress_vip,
-    );
-    let i = ingress(&lab);
-    assert!(
-        i.complete(SIZE, SIZE),
-        "ingress through the tunnel stalled: {i:?}; {}",
-        swallowed(&lab)
-    );
-    assert!(
-        (1..=CLAMP).contains(&i.server_mss) && (1..=CLAMP).contains(&i.client_mss),
-        "{i:?}"
-    );
+    ingress_fits(&lab);
 
     // The same download with the router's clamp turned off: the black hole is real.
     lab.router(0)
@@ -352,14 +342,10 @@ fn full_size_tcp_fits_the_tunnel_without_pmtu_discovery() {
 #[test]
 fn without_the_gateways_clamp_uploads_stall() {
     let mut spec = GatewayPodSpec::load().unwrap();
-    let gluetun = spec.gluetun.clone();
-    let edited = spec.edit_file(&gluetun, lab::gluetun_pod::POST_RULES_PATH, |t| {
-        t.lines()
-            .filter(|l| !l.contains("-j TCPMSS"))
-            .map(|l| format!("{l}\n"))
-            .collect()
-    });
-    assert!(edited, "the example mounts no post-rules file");
+    assert!(
+        spec.drop_post_rules(|l| l.contains("-j TCPMSS")),
+        "the example mounts no post-rules file"
+    );
     let lab = builder()
         .gateway_kind(GatewayKind::GluetunSpec(Box::new(spec)))
         .build()
@@ -380,19 +366,5 @@ fn without_the_gateways_clamp_uploads_stall() {
     assert!(u.client_mss > CLAMP, "{u:?}");
     // Ingress is the router's alone now (the gateway clamped its DNATed SYNs too): the input
     // chain clamps the Internet client's SYN, the output chain the router's SYN-ACK.
-    wait_for(
-        &lab,
-        "the router to hold the ingress VIP",
-        holds_ingress_vip,
-    );
-    let i = ingress(&lab);
-    assert!(
-        i.complete(SIZE, SIZE),
-        "ingress through the tunnel stalled: {i:?}; {}",
-        swallowed(&lab)
-    );
-    assert!(
-        (1..=CLAMP).contains(&i.server_mss) && (1..=CLAMP).contains(&i.client_mss),
-        "{i:?}"
-    );
+    ingress_fits(&lab);
 }

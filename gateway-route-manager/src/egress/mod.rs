@@ -184,22 +184,11 @@ impl EgressManager {
     }
 
     async fn apply(&self, changes: Vec<Change>) -> Result<ApplyReport, EgressError> {
-        apply_changes(changes, &self.metrics, &self.kill_switch, |c| {
-            self.execute(c)
+        let socket = &self.socket;
+        apply_changes(changes, &self.metrics, &self.kill_switch, |c| async move {
+            execute(socket, &c).await
         })
         .await
-    }
-
-    /// Writes one change to the kernel.
-    async fn execute(&self, change: Change) -> Result<(), NetlinkError> {
-        match &change {
-            Change::SetNexthop(n) => self.socket.set_nexthop(n).await,
-            Change::DeleteNexthop(id) => self.socket.delete_nexthop(*id).await,
-            Change::SetRoute(r) => self.socket.set_route(r).await,
-            Change::DeleteRoute(r) => self.socket.delete_route(r).await,
-            Change::AddRule(r) => self.socket.add_rule(r).await,
-            Change::DeleteRule(r) => self.socket.delete_rule(r).await,
-        }
     }
 
     /// Bootstrap, wait for the first complete healthy set, reconcile, then reconcile on every
@@ -241,6 +230,18 @@ impl EgressManager {
                 trigger.failed();
             }
         }
+    }
+}
+
+/// Writes one change to the kernel (egress and return routing share the change type).
+pub(crate) async fn execute(socket: &RouteSocket, change: &Change) -> Result<(), NetlinkError> {
+    match change {
+        Change::SetNexthop(n) => socket.set_nexthop(n).await,
+        Change::DeleteNexthop(id) => socket.delete_nexthop(*id).await,
+        Change::SetRoute(r) => socket.set_route(r).await,
+        Change::DeleteRoute(r) => socket.delete_route(r).await,
+        Change::AddRule(r) => socket.add_rule(r).await,
+        Change::DeleteRule(r) => socket.delete_rule(r).await,
     }
 }
 

@@ -299,14 +299,7 @@ impl ReturnRoutingManager {
         let mut errors = Vec::new();
         for change in changes {
             let text = describe(&change);
-            let result = match &change {
-                Change::SetNexthop(n) => self.socket.set_nexthop(n).await,
-                Change::DeleteNexthop(id) => self.socket.delete_nexthop(*id).await,
-                Change::SetRoute(r) => self.socket.set_route(r).await,
-                Change::DeleteRoute(r) => self.socket.delete_route(r).await,
-                Change::AddRule(r) => self.socket.add_rule(r).await,
-                Change::DeleteRule(r) => self.socket.delete_rule(r).await,
-            };
+            let result = crate::egress::execute(&self.socket, &change).await;
             match result {
                 Ok(()) => {
                     tracing::info!(change = %text, "return routing: kernel updated");

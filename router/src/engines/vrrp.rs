@@ -733,6 +733,20 @@ gateways:
         assert_eq!(tracked_count(&unknown, &mut last), 0);
     }
 
+    /// Runs `cmd` with `sh -c`; its stdout. Fails the test when it fails.
+    fn sh(cmd: &str) -> String {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `f` on a thread inside a fresh network namespace (removed afterwards), on a
     /// current-thread runtime. Root only, like the namespace tier.
     fn in_netns<F, Fut>(tag: &str, f: F)
@@ -741,18 +755,7 @@ gateways:
         Fut: std::future::Future<Output = ()>,
     {
         let name = format!("vr-{tag}-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let out = std::process::Command::new("ip")
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["netns", "add", &name]);
+        sh(&format!("ip netns add {name}"));
         let path = format!("/run/netns/{name}");
         let result = std::thread::spawn(move || {
             let file = std::fs::File::open(&path).unwrap();
@@ -764,7 +767,7 @@ gateways:
                 .block_on(f());
         })
         .join();
-        ip(&["netns", "del", &name]);
+        sh(&format!("ip netns del {name}"));
         if let Err(e) = result {
             std::panic::resume_unwind(e);
         }
@@ -776,18 +779,6 @@ gateways:
     #[test]
     fn losing_the_kill_switch_gives_the_vips_up_until_it_is_back() {
         in_netns("ks", || async {
-            let sh = |cmd: &str| {
-                let out = std::process::Command::new("sh")
-                    .args(["-c", cmd])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{cmd}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                String::from_utf8_lossy(&out.stdout).into_owned()
-            };
             sh("ip link add ks0 type veth peer name ks1 && ip link set ks0 up && ip link set ks1 up && ip addr add 192.0.2.1/24 dev ks0");
             let c = load("vrrp:\n  - { name: r, interface: ks0, vrid: 77, advert_interval: 50ms, vmac: false, virtual_ips: [192.0.2.254/24] }\n");
             let config = instance_configs(&c).remove(0);

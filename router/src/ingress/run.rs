@@ -100,17 +100,25 @@ async fn local_routes_loop(
 ) {
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut socket: Option<grm::local_routes::LocalRoutes> = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let (in_force, last_error) = match grm::local_routes::sync(
-            &wanted,
-            src_interface.as_deref(),
-        )
-        .await
-        {
+        let synced = match &socket {
+            Some(s) => s.sync(&wanted, src_interface.as_deref()).await,
+            None => match grm::local_routes::LocalRoutes::open() {
+                Ok(s) => {
+                    socket
+                        .insert(s)
+                        .sync(&wanted, src_interface.as_deref())
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+        };
+        let (in_force, last_error) = match synced {
             Ok(r) => {
                 for a in &r.added {
                     tracing::info!(address = %a, "ingress: local route added (table local): the router accepts this address for its virtual servers");
@@ -287,7 +295,11 @@ struct LastPass {
 /// the `ingress` section was removed from the config, and what it built must not outlive it.
 /// Services on other addresses are not touched.
 pub async fn withdraw(owned: BTreeSet<IpAddr>, metrics: IngressMetrics, cancel: CancellationToken) {
-    match grm::local_routes::sync(&BTreeSet::new(), None).await {
+    let synced = match grm::local_routes::LocalRoutes::open() {
+        Ok(s) => s.sync(&BTreeSet::new(), None).await,
+        Err(e) => Err(e),
+    };
+    match synced {
         Ok(r) if !r.deleted.is_empty() => {
             tracing::info!(deleted = ?r.deleted, "ingress removed from the config: its local routes are deleted");
         }
